@@ -1,0 +1,17 @@
+"""minigpt2: GPT-2 from scratch in plain PyTorch, matching transformers token for token.
+
+    >>> import minigpt2
+    >>> model = minigpt2.GPT2.from_pretrained("gpt2")
+    >>> tok = minigpt2.Tokenizer.from_pretrained("gpt2")
+    >>> logits = model(torch.tensor([tok.encode("Hello, world")]))
+"""
+
+from .cache import KVCache
+from .config import PRESETS, GPT2Config
+from .loading import get_device
+from .model import GPT2
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = ["GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "get_device", "__version__"]
