@@ -1,0 +1,7 @@
+"""``python -m minigpt2`` runs the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

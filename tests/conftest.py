@@ -1,0 +1,85 @@
+"""Shared fixtures: random-weight checkpoints saved by transformers itself.
+
+The Hub is out of reach in CI, so every parity test builds its checkpoint here with
+``GPT2LMHeadModel(GPT2Config(...)).save_pretrained(dir)``. transformers initialises
+biases to 0 and LayerNorms to 1 / 0, which would hide a missing bias or a swapped
+LayerNorm, so ``perturb`` moves every one of them away from its default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network in tests
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+transformers = pytest.importorskip("transformers")
+
+# A small config that still has several heads and layers; vocab small enough to be fast
+# but above 256 so byte-level ids are meaningful.
+TINY: dict[str, Any] = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every bias and LayerNorm parameter off transformers' 0 / 1 initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith(".bias"):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build_hf_model(seed: int = 0, **config: Any) -> Any:
+    """A transformers GPT2LMHeadModel with random weights and perturbed biases / norms, in eval mode."""
+    torch.manual_seed(seed)
+    kw = {**TINY, **config}
+    kw.setdefault("bos_token_id", min(50256, kw["vocab_size"] - 1))
+    kw.setdefault("eos_token_id", min(50256, kw["vocab_size"] - 1))
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
+    perturb(hf, seed)
+    return hf.eval()
+
+
+def save_hf_checkpoint(directory: Path, seed: int = 0, **config: Any) -> tuple[Path, Any]:
+    """Save a random checkpoint with transformers' own save_pretrained; return (dir, hf model)."""
+    hf = build_hf_model(seed, **config)
+    hf.save_pretrained(directory)
+    return directory, hf
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Any]]:
+    """Factory: make_checkpoint(seed=0, **config) -> (directory, transformers model)."""
+    made: dict[tuple, tuple[Path, Any]] = {}
+
+    def make(seed: int = 0, **config: Any) -> tuple[Path, Any]:
+        key = (seed, tuple(sorted(config.items())))
+        if key not in made:
+            made[key] = save_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), seed, **config)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint: Callable[..., tuple[Path, Any]]) -> tuple[Path, Any]:
+    """(directory, transformers model) of the TINY config."""
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def gpt2_checkpoint(make_checkpoint: Callable[..., tuple[Path, Any]]) -> tuple[Path, Any]:
+    """(directory, transformers model) of the full 124M gpt2 shape, random weights."""
+    return make_checkpoint(seed=1, vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiny_vocab_checkpoint(make_checkpoint: Callable[..., tuple[Path, Any]]) -> tuple[Path, Any]:
+    """A small model with the full GPT-2 vocabulary, for anything that tokenizes real text."""
+    return make_checkpoint(seed=2, vocab_size=50257, n_positions=256, n_embd=64, n_layer=2, n_head=4)
