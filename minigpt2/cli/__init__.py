@@ -76,17 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `minigpt2 generate ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("minigpt2: interrupted", file=sys.stderr)
+        return 130
     except CLIError as e:
         print(f"minigpt2: error: {e}", file=sys.stderr)
         return e.code
     except (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError) as e:
         print(f"minigpt2: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("minigpt2: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `minigpt2 generate ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 
