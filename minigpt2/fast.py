@@ -1,0 +1,157 @@
+"""Inference fast paths: the host's fastest matrix kernel for every weight while decoding.
+
+The model file stays plain: each Conv1D has a ``kernel`` slot that is None. Generation
+enters :func:`fast_path` around its model calls; inside, every Conv1D's slot holds a
+:class:`~minigpt2.kernels.PreparedLinear` for the kernel chosen for this host (see
+kernels.py) and the returned ``unembed`` does the same for the tied [V, C] unembedding.
+
+Rules (CONVENTIONS.md, "Fast paths"):
+- prepared weights are not parameters or buffers (``state_dict`` is untouched); they live
+  in a table keyed weakly by the model, built lazily under ``no_grad``;
+- they are rebuilt when a weight changes: each is keyed on its source tensors'
+  ``_version`` and ``data_ptr()`` (in-place edits, optimizer steps, ``load_state_dict``,
+  ``.to()``), checked every time the fast path is entered;
+- they are used only with autograd off, in eval mode, and with no hooks installed; anything
+  else (training, gradients, ``hooks`` / ``run_with_cache``) takes the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import kernels
+from .kernels import PreparedLinear
+
+if TYPE_CHECKING:
+    from .model import GPT2, Conv1D
+
+Unembed = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Prepared:
+    """One model's prepared weights for one batch bucket."""
+
+    batch: int
+    block_kernel: str
+    unembed_kernel: str
+    blocks: list[PreparedLinear]  # one per Conv1D, in model.modules() order
+    unembed: PreparedLinear
+    keys: list[tuple] = field(default_factory=list)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(p.extra_bytes for p in self.blocks) + self.unembed.extra_bytes
+
+
+_prepared: weakref.WeakKeyDictionary[GPT2, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def conv1ds(model: GPT2) -> list[Conv1D]:
+    """Every Conv1D of the model, in forward order (4 per block)."""
+    from .model import Conv1D
+
+    return [m for m in model.transformer.h.modules() if isinstance(m, Conv1D)]
+
+
+def usable(model: GPT2) -> bool:
+    """Whether the fast path may run now: autograd off, eval mode, no hooks installed."""
+    if torch.is_grad_enabled() or model.training:
+        return False
+    return not any(getattr(m, "taps", None) is not None for m in model.modules())
+
+
+def _sources(model: GPT2) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+    """Block matrices as ([out, in] view, bias), and the unembedding [V, C]."""
+    blocks = [(c.weight.t(), c.bias) for c in conv1ds(model)]  # Conv1D stores [in, out]
+    return blocks, model.lm_head.weight
+
+
+def prepare(model: GPT2, batch_size: int) -> _Prepared:
+    """The model's prepared weights for ``batch_size`` rows, built or rebuilt if needed.
+
+    One set per model (a second set would double the memory again): it is rebuilt when a
+    weight changed, when the chosen kernels differ, or when oneDNN's layout was packed for
+    another batch bucket.
+    """
+    blocks, E = _sources(model)
+    bucket = kernels.batch_bucket(batch_size)
+    keys = [kernels.source_key(w, b) for w, b in blocks] + [kernels.source_key(E, None)]
+    c = model.config
+    with torch.no_grad():
+        # Decide on one block's matrices (all blocks share their shapes) and the unembedding.
+        block_kernel = kernels.choose(f"blocks n_embd={c.n_embd} inner={c.inner_dim}", blocks[:4], bucket)
+        unembed_kernel = kernels.choose("unembed", [(E, None)], bucket)
+        p = _prepared.get(model)
+        if (
+            p is not None
+            and p.keys == keys
+            and (p.block_kernel, p.unembed_kernel) == (block_kernel, unembed_kernel)
+            and (p.batch == bucket or "mkldnn" not in (block_kernel, unembed_kernel))
+        ):
+            return p
+        _prepared.pop(model, None)  # drop the old copies before building new ones
+        p = _Prepared(
+            batch=bucket,
+            block_kernel=block_kernel,
+            unembed_kernel=unembed_kernel,
+            blocks=[PreparedLinear(block_kernel, w, b, bucket) for w, b in blocks],
+            unembed=PreparedLinear(unembed_kernel, E, None, bucket),
+            keys=keys,
+        )
+    _prepared[model] = p
+    return p
+
+
+def release(model: GPT2) -> None:
+    """Free the model's prepared weights (they are rebuilt on the next fast-path use)."""
+    _prepared.pop(model, None)
+
+
+def extra_bytes(model: GPT2) -> int:
+    """Memory the fast path holds for this model beyond its parameters."""
+    p = _prepared.get(model)
+    return 0 if p is None else p.extra_bytes
+
+
+def kernel_names(model: GPT2) -> dict[str, str]:
+    """The kernels in use for the block matrices and the unembedding ({} before first use)."""
+    p = _prepared.get(model)
+    return {} if p is None else {"blocks": p.block_kernel, "unembed": p.unembed_kernel}
+
+
+def plain_unembed(model: GPT2) -> Unembed:
+    return lambda h: model.lm_head(h).float()
+
+
+@contextlib.contextmanager
+def fast_path(model: GPT2, batch_size: int) -> Iterator[Unembed]:
+    """Inside the block, the model's Conv1D layers use the prepared kernels; yields
+    ``unembed(h) -> float32 logits`` for hidden states h (B, T, C) (pass the last position
+    only while generating). Where the fast path may not run (see :func:`usable`), or on
+    devices without candidates, this is the plain path and nothing is installed."""
+    if not usable(model) or model.device.type != "cpu":
+        yield plain_unembed(model)
+        return
+    p = prepare(model, batch_size)
+    convs = conv1ds(model)
+    previous = [c.kernel for c in convs]
+    install = p.block_kernel != "plain"
+    try:
+        if install:
+            for c, k in zip(convs, p.blocks):
+                c.kernel = k
+        if p.unembed_kernel == "plain":
+            yield plain_unembed(model)
+        else:
+            yield lambda h: p.unembed(h).float()
+    finally:
+        if install:
+            for c, k in zip(convs, previous):
+                c.kernel = k
