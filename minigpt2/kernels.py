@@ -94,8 +94,10 @@ class PreparedLinear:
 
 def source_key(*tensors: torch.Tensor | None) -> tuple:
     """What identifies a weight's current contents cheaply: version counter, address, dtype, device."""
+    # (Inference tensors have no version counter; they cannot be edited outside inference mode.)
     return tuple(
-        None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors
+        None if t is None else (-1 if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+        for t in tensors
     )
 
 
@@ -124,7 +126,7 @@ def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
     if kernel == "mkldnn" and not _mkldnn_ops_present(dtype):
         return False
     try:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             g = torch.Generator().manual_seed(0)
             w = torch.randn(24, 40, generator=g).to(dtype)  # (out, in)
             b = torch.randn(24, generator=g).to(dtype)
