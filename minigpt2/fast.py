@@ -73,6 +73,21 @@ def _sources(model: GPT2) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]
     return blocks, model.lm_head.weight
 
 
+#: Measure kernels on at least this many bytes of block weights (more than a last-level
+#: cache holds), so the choice reflects streaming from memory, as decoding does.
+SAMPLE_BYTES = 256 * 2**20
+
+
+def _sample(blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The first whole blocks (4 matrices each) holding SAMPLE_BYTES, or all of them."""
+    total = 0
+    for i in range(0, len(blocks), 4):
+        total += sum(w.numel() * w.element_size() for w, _ in blocks[i : i + 4])
+        if total >= SAMPLE_BYTES:
+            return blocks[: i + 4]
+    return blocks
+
+
 def prepare(model: GPT2, batch_size: int) -> _Prepared:
     """The model's prepared weights for ``batch_size`` rows, built or rebuilt if needed.
 
@@ -85,8 +100,9 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
     keys = [kernels.source_key(w, b) for w, b in blocks] + [kernels.source_key(E, None)]
     c = model.config
     with torch.no_grad():
-        # Decide on one block's matrices (all blocks share their shapes) and the unembedding.
-        block_kernel = kernels.choose(f"blocks n_embd={c.n_embd} inner={c.inner_dim}", blocks[:4], bucket)
+        # Decide on enough blocks to stream from memory (all blocks share their shapes), and
+        # on the unembedding.
+        block_kernel = kernels.choose(f"blocks n_embd={c.n_embd} inner={c.inner_dim}", _sample(blocks), bucket)
         unembed_kernel = kernels.choose("unembed", [(E, None)], bucket)
         p = _prepared.get(model)
         if (
