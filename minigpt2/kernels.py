@@ -244,7 +244,7 @@ def choose(
     matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
     batch_size: int,
     *,
-    rounds: int = 7,
+    rounds: int = 5,
 ) -> str:
     """The kernel for these [out, in] matrices (+ biases) at this batch size.
 
@@ -286,7 +286,7 @@ def measure(
     candidates: Sequence[str],
     batch_size: int,
     *,
-    rounds: int = 7,
+    rounds: int = 5,
 ) -> dict[str, float]:
     """Best seconds per pass of x @ W^T + b over every matrix, per candidate kernel."""
     with torch.no_grad():

@@ -151,6 +151,7 @@ def test_generation_uses_fast_path_by_default(pair) -> None:
 # --------------------------------------------------------------------- fallbacks
 def test_feature_check_off_falls_back_to_plain(pair, monkeypatch: pytest.MonkeyPatch) -> None:
     model, hf = pair
+    fast.release(model)
     monkeypatch.setattr(kernels, "_mkldnn_ops_present", lambda dtype: False)
     monkeypatch.setattr(kernels, "_available", {})
     assert not kernels.available("mkldnn", torch.float32)
