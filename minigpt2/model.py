@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import generation
 from .cache import KVCache
 from .config import GPT2Config
 
@@ -363,6 +364,10 @@ class GPT2(nn.Module):
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
         )
+
+    # -------------------------------------------------------------- generation
+    generate = generation.generate  # model.generate(input_ids, ..., max_new_tokens=N): see generation.py
+    stream = generation.stream  # model.stream(tokenizer, prompt, ...): the same, step by step
 
     # ------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
