@@ -152,7 +152,7 @@ def _check_settings(model: GPT2, prompt_len: int, *, tokenizer: Any, **a: Any) -
     num_beams = _count("num_beams", a["num_beams"], low=1)
     length_penalty = _as_float("length_penalty", a["length_penalty"])
     early_stopping = a["early_stopping"]
-    if early_stopping not in (True, False, "never"):
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     n_return = _count("num_return_sequences", a["num_return_sequences"], low=1)
     if num_beams > 1 and n_return > num_beams:

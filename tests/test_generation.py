@@ -281,6 +281,16 @@ def test_each_padded_row_equals_the_row_alone(lively: Any, kw: dict[str, Any]) -
         assert torch.equal(batch[i, T:], alone[0, len(r) :])
 
 
+def test_mask_inferred_from_pad_token_as_transformers(lively: Any) -> None:
+    """No attention_mask, a pad_token_id that is not EOS and occurs in the prompt: it is padding."""
+    model, hf = lively
+    ids, _, _ = left_padded()
+    ids = ids.masked_fill(ids == 999, 5)
+    for kw in (dict(), dict(num_beams=2)):
+        ours = model.generate(ids, max_new_tokens=8, pad_token_id=5, **kw)
+        assert_same(ours, hf.generate(ids, max_new_tokens=8, pad_token_id=5, **kw))
+
+
 # --------------------------------------------------------------------------- streaming
 def test_stream_equals_generate(full_vocab: Any) -> None:
     model, _ = full_vocab
