@@ -5,7 +5,7 @@ timed or swapped alone.
 
     prefill(model, ids, positions, mask, cache)          -> logits of the last prompt position
     decode_one_token(model, token, position, mask, cache) -> logits of the next position
-    decode(...)                                           -> yields one token per row per step
+    decode_n_tokens(...)                                  -> yields one token per row per step
     beam_search(...)                                      -> the best beams, as transformers
     generate(model, input_ids, ...)                       -> prompt + new tokens [B, T + n]
     stream(model, tokenizer, prompt, ...)                 -> the same, step by step, with text
@@ -137,7 +137,7 @@ def _check_settings(model: GPT2, prompt_len: int, *, tokenizer: Any, **a: Any) -
     do_sample = a["do_sample"]
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
-    temperature = _as_float("temperature", a["temperature"])
+    temperature = 1.0 if a["temperature"] is None else _as_float("temperature", a["temperature"])
     if do_sample and not (0 < temperature < math.inf):
         raise ValueError(f"temperature={a['temperature']!r} must be > 0 when sampling (use do_sample=False for greedy)")
     top_k = a["top_k"]
@@ -145,7 +145,7 @@ def _check_settings(model: GPT2, prompt_len: int, *, tokenizer: Any, **a: Any) -
     top_p = 1.0 if a["top_p"] is None else _as_float("top_p", a["top_p"])
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={a['top_p']!r} must be in (0, 1]")
-    penalty = _as_float("repetition_penalty", a["repetition_penalty"])
+    penalty = 1.0 if a["repetition_penalty"] is None else _as_float("repetition_penalty", a["repetition_penalty"])
     if not 0 < penalty < math.inf:
         raise ValueError(f"repetition_penalty={a['repetition_penalty']!r} must be > 0 (1.0 = no penalty)")
     ngram = _count("no_repeat_ngram_size", a["no_repeat_ngram_size"])
@@ -296,7 +296,7 @@ def _token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- sampling loop
-def decode(
+def decode_n_tokens(
     model: GPT2,
     ids: torch.Tensor,
     mask: torch.Tensor | None,
@@ -532,7 +532,7 @@ def generate(
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
-    new = [token for token, _ in decode(model, input_ids, attention_mask, s, generator, tokenizer)]
+    new = [token for token, _ in decode_n_tokens(model, input_ids, attention_mask, s, generator, tokenizer)]
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
 
 
@@ -619,7 +619,7 @@ def _stream_steps(
     utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(B)]
     done_before = torch.zeros(B, dtype=torch.bool)
     eos = set(s.eos_ids or ())
-    for token, finished in decode(model, ids, mask, s, generator, tokenizer):
+    for token, finished in decode_n_tokens(model, ids, mask, s, generator, tokenizer):
         texts = [""] * B
         if tokenizer is not None:
             fin = finished.cpu()

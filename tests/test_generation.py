@@ -328,7 +328,7 @@ def test_stream_holds_back_incomplete_utf8(full_vocab: Any, monkeypatch: pytest.
         for i, t in enumerate(forced + [eos]):
             yield torch.tensor([t]), torch.tensor([i == len(forced)])
 
-    monkeypatch.setattr(generation, "decode", fake_decode)
+    monkeypatch.setattr(generation, "decode_n_tokens", fake_decode)
     steps = list(minigpt2.stream(model, tok, [eos], max_new_tokens=len(forced) + 1))
     assert "".join(s.text for s in steps) == text  # the EOS that ended the row adds no text
     assert all("\ufffd" not in s.text for s in steps)
