@@ -158,14 +158,19 @@ def _check_settings(model: GPT2, prompt_len: int, *, tokenizer: Any, **a: Any) -
     if num_beams > 1 and n_return > num_beams:
         raise ValueError(f"num_return_sequences={n_return} must be <= num_beams={num_beams}")
 
-    # EOS: the argument, else the checkpoint's generation_config.json, else its config.json.
+    if n_return > 1 and num_beams == 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={n_return} needs do_sample=True or num_beams > 1 (greedy rows would be equal)")
+
+    # EOS and pad: the arguments, else the checkpoint's generation_config.json, else (no such
+    # file, as transformers' GenerationConfig.from_model_config) its config.json.
+    defaults = model.generation_config or {"eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
     eos = a["eos_token_id"]
     if eos is FROM_CONFIG:
-        eos = model.generation_config.get("eos_token_id", c.eos_token_id)
+        eos = defaults.get("eos_token_id")
     eos_ids = _token_ids("eos_token_id", eos)
     pad = a["pad_token_id"]
     if pad is None:
-        pad = model.generation_config.get("pad_token_id", c.pad_token_id)
+        pad = defaults.get("pad_token_id")
     if pad is None and eos_ids is not None:
         pad = eos_ids[0]  # transformers' default: pad finished rows with the (first) EOS
     if pad is not None:

@@ -378,6 +378,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size"),
     (dict(min_new_tokens=-1), "min_new_tokens"),
     (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_return_sequences=2), "num_return_sequences"),
     (dict(early_stopping="sometimes"), "early_stopping"),
     (dict(eos_token_id=-3), "eos_token_id"),
     (dict(pad_token_id=10**6), "pad_token_id"),
