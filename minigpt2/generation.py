@@ -193,8 +193,6 @@ def _check_settings(model: GPT2, prompt_len: int, *, tokenizer: Any, **a: Any) -
             raise ValueError(f"stop must be a list of non-empty strings, got {a['stop']!r}")
         if tokenizer is None:
             raise ValueError("stop strings need the tokenizer: pass tokenizer=Tokenizer.from_pretrained(...)")
-        if num_beams > 1:
-            raise ValueError("stop strings are not supported with num_beams > 1")
 
     # Beam sampling keeps one more token than there are EOS ids, so one beam can go on.
     keep = (len(eos_ids) + 1 if eos_ids else 2) if num_beams > 1 else 1
@@ -366,6 +364,7 @@ def beam_search(
     mask: torch.Tensor | None,
     s: Settings,
     generator: torch.Generator | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> torch.Tensor:
     """Beam search (or beam sampling), step for step as transformers' ``_beam_search`` (v5).
 
@@ -387,6 +386,8 @@ def beam_search(
     K = max(2, 1 + (len(s.eos_ids) if s.eos_ids else 0)) * nb  # candidates kept per step
     fill = (s.pad_token_id or s.eos_ids[0]) if s.eos_ids is not None else -1  # as transformers
     top_nb = torch.arange(K, device=dev) < nb  # the first num_beams candidates may finish
+    stop = StopStrings(s.stop, tokenizer) if s.stop else None
+    n_pad = [0] * B if mask is None else (mask == 0).sum(1).tolist()  # left padding per prompt
 
     flat_ids = ids.repeat_interleave(nb, dim=0)  # (B * nb, T): each prompt once per beam
     mask = None if mask is None else mask.repeat_interleave(nb, dim=0)
@@ -432,6 +433,9 @@ def beam_search(
         cand[:, :, cur] = token
         ends = torch.isin(token, eos) if eos is not None else torch.zeros_like(token, dtype=torch.bool)
         ends = ends | (cur + 1 >= L)
+        if stop is not None:  # a candidate whose text now holds a stop string ends too
+            hits = [[stop.hit(row[n_pad[b] :]) for row in rows] for b, rows in enumerate(cand[:, :, : cur + 1].tolist())]
+            ends = ends | torch.tensor(hits, device=dev)
 
         # Live beams: the best num_beams candidates that did not just finish.
         live_scores = top + ends.float() * -1.0e9
@@ -531,7 +535,7 @@ def generate(
         return input_ids.repeat_interleave(s.num_return_sequences, dim=0)
     if s.num_beams > 1:
         with torch.inference_mode():
-            out = beam_search(model, input_ids, attention_mask, s, generator)
+            out = beam_search(model, input_ids, attention_mask, s, generator, tokenizer)
         return out.clone()  # a normal tensor again, usable with autograd
     if s.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)

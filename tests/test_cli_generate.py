@@ -123,7 +123,6 @@ def test_missing_model_directory_exit_1(tmp_path: Path) -> None:
         (["--num-samples", "0"], "num-samples"),
         (["--repetition-penalty", "0"], "repetition-penalty"),
         (["--dtype", "int8"], "dtype"),
-        (["--num-beams", "2", "--stop", "x"], "--stop"),
     ],
 )
 def test_bad_values_are_usage_errors(args: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:

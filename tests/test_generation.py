@@ -363,6 +363,17 @@ def test_stop_strings_match_transformers(full_vocab: Any, tmp_path: Path) -> Non
     streamed = "".join(s.text for s in model.stream(tok, ids, stop=[stop], **kw))
     assert streamed == tok.decode(new)
 
+    # Beam search: candidates that complete a stop string finish, as there.
+    beam_kw = dict(max_new_tokens=12, num_beams=3, num_return_sequences=3)
+    best = model.generate(ids, **beam_kw)[0, ids.shape[1] :].tolist()
+    stop = tok.decode(best[:4])[-2:] + tok.decode(best[4:])[:1]
+    ours = model.generate(ids, stop=[stop], tokenizer=tok, **beam_kw)
+    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), stop_strings=[stop], tokenizer=hf_tok, **beam_kw)
+    assert_same(ours, theirs)
+    eos = tok.eos_token_id
+    made = [[t for t in row[ids.shape[1] :].tolist() if t != eos] for row in ours]  # padding (= EOS) off
+    assert any(stop in tok.decode(r) and stop not in tok.decode(r[:-1]) and len(r) < 12 for r in made)
+
 
 # --------------------------------------------------------------------------- bad arguments
 BAD: list[tuple[dict[str, Any], str]] = [

@@ -150,8 +150,6 @@ def _check_length(model: Any, ids: list[int], max_new_tokens: int) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    if args.stop and args.num_beams > 1:
-        raise CLIError("--stop cannot be combined with --num-beams > 1", code=2)
     _setup_stdout()
     model, tokenizer = load_model_and_tokenizer(args)
     ids = _prompt_ids(tokenizer, args.prompt)
