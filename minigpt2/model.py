@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import internals
 from .cache import KVCache
 from .config import GPT2Config
 
@@ -112,7 +113,7 @@ class _Tapped(nn.Module):
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"hook for {full_name!r} returned {got}; expected a tensor of shape {tuple(x.shape)}")
-        return out
+        return out.to(device=x.device, dtype=x.dtype)  # e.g. torch.zeros(shape): fp32 on cpu
 
 
 class GPT2Attention(_Tapped):
@@ -419,6 +420,11 @@ class GPT2(nn.Module):
     def activation_names(self) -> list[str]:
         """Every name ``hooks`` and ``run_with_cache`` accept, in forward order."""
         return list(self._tap_targets())
+
+    # Inspection (internals.py): activation cache and parameter counts.
+    run_with_cache = internals.run_with_cache
+    num_parameters = internals.num_parameters
+    parameter_breakdown = internals.parameter_breakdown
 
     # ----------------------------------------------------------------- loading
     @classmethod
