@@ -208,6 +208,8 @@ def score(model: GPT2, tokenizer: Tokenizer, text: str, stride: int | None = Non
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
+        raise ValueError(f"tokenizer must have encode and decode (a minigpt2.Tokenizer), got {type(tokenizer).__name__}")
     n_pos = model.config.n_positions
     if stride is None:
         stride = max(1, n_pos // 2)

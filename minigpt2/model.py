@@ -408,13 +408,18 @@ class GPT2(nn.Module):
     def _tap_targets(self) -> dict[str, tuple[_Tapped, str]]:
         """Every hookable name -> (module that emits it, its local name there)."""
         t = self.transformer
-        out: dict[str, tuple[_Tapped, str]] = {"embed": (t, "embed"), "ln_f": (t, "ln_f")}
-        for i, block in enumerate(t.h):
-            for local in ("resid_pre", "ln_1", "attn.out", "resid_mid", "ln_2", "mlp.out", "resid_post"):
+        out: dict[str, tuple[_Tapped, str]] = {"embed": (t, "embed")}
+        for i, block in enumerate(t.h):  # in the order the forward computes them
+            for local in ("resid_pre", "ln_1"):
                 out[f"h.{i}.{local}"] = (block, local)
             for local in ("q", "k", "v", "pattern"):
                 out[f"h.{i}.attn.{local}"] = (block.attn, local)
+            for local in ("attn.out", "resid_mid", "ln_2"):
+                out[f"h.{i}.{local}"] = (block, local)
             out[f"h.{i}.mlp.act"] = (block.mlp, "act")
+            for local in ("mlp.out", "resid_post"):
+                out[f"h.{i}.{local}"] = (block, local)
+        out["ln_f"] = (t, "ln_f")
         return out
 
     def activation_names(self) -> list[str]:

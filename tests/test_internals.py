@@ -54,7 +54,10 @@ def test_cache_has_every_name_with_its_shape(pair, ids, cached):
     logits, acts = cached
     B, T = ids.shape
     assert isinstance(acts, ActivationCache)
-    assert list(acts) == model.activation_names()  # every name, forward order, pattern included
+    assert list(acts) == model.activation_names()  # every name, pattern included
+    per_block = ["resid_pre", "ln_1", "attn.q", "attn.k", "attn.v", "attn.pattern", "attn.out", "resid_mid",
+                 "ln_2", "mlp.act", "mlp.out", "resid_post"]
+    assert list(acts) == ["embed", *(f"h.{i}.{n}" for i in range(L) for n in per_block), "ln_f"]  # forward order
     inner = 4 * C
     for name, t in acts.items():
         local = name.split(".", 2)[-1] if name.startswith("h.") else name
@@ -95,6 +98,26 @@ def test_attention_pattern_rows_sum_to_one_causal_and_equal_transformers(cached,
         above = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
         assert (p[..., above] == 0).all()
         assert torch.allclose(p, hf_out.attentions[i], atol=1e-6)
+
+
+def test_pattern_with_padding_and_layer_scaling_equals_transformers(make_checkpoint):
+    path, hf = make_checkpoint(seed=3, scale_attn_by_inverse_layer_idx=True)
+    hf = copy.deepcopy(hf)
+    hf.set_attn_implementation("eager")
+    model = GPT2.from_pretrained(path, device="cpu")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: ours follows the mask, so give transformers the same positions
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, acts = model.run_with_cache(ids, names=lambda n: n.endswith("pattern"), attention_mask=mask)
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask, position_ids=positions, output_attentions=True)
+    for i in range(L):
+        p, q = acts[f"h.{i}.attn.pattern"], theirs.attentions[i]
+        assert torch.allclose(p[0], q[0], atol=1e-6)
+        assert torch.allclose(p[1, :, 3:], q[1, :, 3:], atol=1e-6)  # the real tokens' rows
+        assert (p[1, :, 3:, :3] == 0).all()  # nobody attends to padding
+    assert torch.allclose(logits[1, 3:], theirs.logits[1, 3:], atol=1e-4 * theirs.logits.abs().max())
 
 
 def test_q_k_v_recombine_to_the_pattern_and_the_attention_output(pair, cached):
