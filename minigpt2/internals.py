@@ -141,6 +141,36 @@ class LogitLens:
     names: list[str]
     token_ids: torch.Tensor
     probs: torch.Tensor
+    input_ids: torch.Tensor | None = None  # [batch, seq], the tokens that were run
+
+    def __repr__(self) -> str:
+        return f"LogitLens(names={self.names}, token_ids={list(self.token_ids.shape)}, probs={list(self.probs.shape)})"
+
+    def table(self, tokenizer: Tokenizer, row: int = 0) -> str:
+        """The lens of batch row ``row`` as text: one line per layer, one column per position,
+        each cell the top next token and its probability (what ``minigpt2 lens`` prints)."""
+        if not -self.token_ids.shape[0] <= row < self.token_ids.shape[0]:
+            raise ValueError(f"row={row} is out of range for a batch of {self.token_ids.shape[0]}")
+        top = self.token_ids[row, :, :, 0].tolist()  # (rows, T)
+        prob = self.probs[row, :, :, 0].tolist()
+        cells = [[f"{quote_token(tokenizer.decode([t]))} {p:.2f}" for t, p in zip(tr, pr)] for tr, pr in zip(top, prob)]
+        names = [n.removesuffix(".resid_post") for n in self.names]
+        if self.input_ids is not None:
+            header = [quote_token(tokenizer.decode([i])) for i in self.input_ids[row].tolist()]
+        else:
+            header = [str(j) for j in range(len(cells[0]))]
+        widths = [max(len(header[j]), *(len(r[j]) for r in cells)) for j in range(len(header))]
+        w0 = max(len("input"), *(len(n) for n in names))
+        lines = [f"{'input':<{w0}}  " + "  ".join(f"{h:<{w}}" for h, w in zip(header, widths))]
+        for name, r in zip(names, cells):
+            lines.append(f"{name:<{w0}}  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths)))
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def quote_token(token: str, width: int = 14) -> str:
+    """A token for a table cell: quoted (so spaces show), shortened past ``width``."""
+    s = repr(token)
+    return s if len(s) <= width else s[: width - 2] + "\u2026" + s[-1]
 
 
 def logit_lens(model: GPT2, input_ids: torch.Tensor, k: int = 5) -> LogitLens:
@@ -157,13 +187,15 @@ def logit_lens(model: GPT2, input_ids: torch.Tensor, k: int = 5) -> LogitLens:
     streams = ["embed"] + [f"h.{i}.resid_post" for i in range(model.config.n_layer)]
     with torch.inference_mode():
         _, acts = run_with_cache(model, input_ids, names=streams)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
         ids, probs = [], []
         for name in streams:  # one layer at a time: [B, T, V] logits are the big tensor
             p = F.softmax(model.lm_head(model.transformer.ln_f(acts[name])).float(), dim=-1)  # (B, T, V)
             top = p.topk(k, dim=-1)
             ids.append(top.indices)
             probs.append(top.values)
-    return LogitLens(streams, torch.stack(ids, dim=1), torch.stack(probs, dim=1))  # (B, rows, T, k)
+    return LogitLens(streams, torch.stack(ids, dim=1), torch.stack(probs, dim=1), input_ids)  # (B, rows, T, k)
 
 
 # ------------------------------------------------------------------------------ score

@@ -249,6 +249,24 @@ def test_logit_lens_last_row_is_the_models_top_k_and_first_row_the_embeddings(pa
     assert torch.allclose(lens.probs[:, -1], top.values, atol=1e-5)
     assert torch.equal(lens.token_ids[:, 0], emb.indices)
     assert (lens.probs[..., :-1] >= lens.probs[..., 1:]).all()  # sorted
+    assert torch.equal(lens.input_ids, ids)
+
+
+def test_logit_lens_table_has_a_row_per_layer(vocab_pair):
+    model, _, tok = vocab_pair
+    ids = torch.tensor(tok.encode("One two three"))  # 1-D: one row
+    lens = minigpt2.logit_lens(model, ids, k=2)
+    lines = lens.table(tok).splitlines()
+    assert [ln.split()[0] for ln in lines] == ["input", "embed", "h.0", "h.1"]
+    assert lines[0].split("'")[1::2] == ["One", " two", " three"]
+    last = lens.token_ids[0, -1, :, 0].tolist()
+    assert all(repr(tok.decode([t])) in lines[-1] for t in last)
+    with pytest.raises(ValueError, match="row"):
+        lens.table(tok, row=1)
+
+
+def test_logit_lens_bad_k(pair, ids):
+    model, _ = pair
     for bad in (0, -1, TINY["vocab_size"] + 1, 2.0, True):
         with pytest.raises(ValueError, match="k="):
             minigpt2.logit_lens(model, ids, k=bad)

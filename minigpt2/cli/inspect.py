@@ -133,30 +133,15 @@ def _encode_prompt(tokenizer, model, prompt: str):  # noqa: ANN001, ANN202 - Lon
     return torch.tensor([ids], device=model.device)
 
 
-def _cell(token: str, width: int = 14) -> str:
-    s = repr(token)
-    return s if len(s) <= width else s[: width - 2] + "…" + s[-1]
-
-
 def run_lens(args: argparse.Namespace) -> int:
     from ..internals import logit_lens
 
     model, tokenizer = load_model_and_tokenizer(args)
     ids = _encode_prompt(tokenizer, model, args.prompt)
     lens = logit_lens(model, ids, k=1)
-    inputs = [tokenizer.decode([i]) for i in ids[0].tolist()]
-    rows = [n.removesuffix(".resid_post") for n in lens.names]
-    top = lens.token_ids[0, :, :, 0].tolist()  # (rows, T)
-    prob = lens.probs[0, :, :, 0].tolist()
-    cells = [[f"{_cell(tokenizer.decode([t]))} {p:.2f}" for t, p in zip(tr, pr)] for tr, pr in zip(top, prob)]
-    header = [_cell(t) for t in inputs]
-    widths = [max(len(header[j]), *(len(r[j]) for r in cells)) for j in range(len(inputs))]
-    w0 = max(len("input"), *(len(r) for r in rows))
     print("logit lens: top next token and its probability from each layer's residual stream")
     print("(ln_f and the unembedding applied early; the last row is the model's own prediction)")
-    print(f"{'input':<{w0}}  " + "  ".join(f"{h:<{w}}" for h, w in zip(header, widths)).rstrip())
-    for name, row in zip(rows, cells):
-        print(f"{name:<{w0}}  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip())
+    print(lens.table(tokenizer))
     return 0
 
 
@@ -218,7 +203,7 @@ def _read_text(args: argparse.Namespace) -> str:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from ..internals import score
+    from ..internals import quote_token, score
 
     text = _read_text(args)
     model, tokenizer = load_model_and_tokenizer(args)
@@ -226,11 +211,12 @@ def run_score(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
         return 0
-    w = max(len("token"), *(len(_cell(t, 24)) for t in result.tokens))
+    w = max(len("token"), *(len(quote_token(t, 24)) for t in result.tokens))
     print(f"{'pos':>5}  {'token':<{w}}  logprob")
     for i, (tok, lp) in enumerate(zip(result.tokens, result.logprobs)):
-        print(f"{i:>5}  {_cell(tok, 24):<{w}}  {'-' if lp is None else f'{lp:.4f}'}")
-    print(f"tokens: {len(result.tokens)} ({result.count} scored; the first is context only), "
+        print(f"{i:>5}  {quote_token(tok, 24):<{w}}  {'-' if lp is None else f'{lp:.4f}'}")
+    context = "the first is" if result.count == len(result.tokens) - 1 else "the first of each window is"
+    print(f"tokens: {len(result.tokens)} ({result.count} scored; {context} context only), "
           f"n_positions={model.config.n_positions}, stride={result.stride}")
     print(f"nll: {result.nll:.6f}")
     print(f"perplexity: {result.perplexity:.6f}")
