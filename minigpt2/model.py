@@ -107,13 +107,23 @@ class _Tapped(nn.Module):
         if self.taps is None or name not in self.taps:
             return x
         fn, full_name = self.taps[name]
-        out = fn(x, full_name)
-        if out is None:
-            return x
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"hook for {full_name!r} returned {got}; expected a tensor of shape {tuple(x.shape)}")
-        return out.to(device=x.device, dtype=x.dtype)  # e.g. torch.zeros(shape): fp32 on cpu
+        return _apply_hook(fn, x, full_name)
+
+
+def _apply_hook(fn: HookFn, x: torch.Tensor, name: str) -> torch.Tensor:
+    """fn(x, name), checked: None keeps x; a replacement must have x's shape (cast to its dtype/device)."""
+    out = fn(x, name)
+    if out is None:
+        return x
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"hook for {name!r} returned {got}; expected a tensor of shape {tuple(x.shape)}")
+    return out.to(device=x.device, dtype=x.dtype)  # e.g. torch.zeros(shape): fp32 on cpu
+
+
+def _chain(outer: HookFn, inner: HookFn) -> HookFn:
+    """Two hooks on one name (nested ``hooks()`` blocks): the outer block's first."""
+    return lambda x, name: _apply_hook(inner, _apply_hook(outer, x, name), name)
 
 
 class GPT2Attention(_Tapped):
@@ -383,27 +393,30 @@ class GPT2(nn.Module):
         Names: ``embed``, ``h.N.{resid_pre, ln_1, attn.q, attn.k, attn.v, attn.pattern,
         attn.out, resid_mid, ln_2, mlp.act, mlp.out, resid_post}``, ``ln_f``. Each fn gets
         (activation, name) and returns a replacement of the same shape, or None to keep it.
-        Hooks are removed on exit, also after an exception.
+        Hooks are removed on exit, also after an exception. Blocks may nest (e.g.
+        ``run_with_cache`` inside a patching block): on a shared name the outer hook runs first.
         """
         targets = self._tap_targets()
         plan: dict[int, dict[str, tuple[HookFn, str]]] = {}
         for name, fn in fns.items():
             if name not in targets:
-                raise ValueError(f"unknown activation name {name!r}; see minigpt2.activation_names()")
+                raise ValueError(f"unknown activation name {name!r}; see model.activation_names()")
             if not callable(fn):
                 raise ValueError(f"hook for {name!r} is not callable")
             module, local = targets[name]
             plan.setdefault(id(module), {})[local] = (fn, name)
         modules = {id(m): m for m, _ in targets.values()}
-        if any(m.taps is not None for m in modules.values()):
-            raise RuntimeError("hooks are already installed on this model; nested hooks() is not supported")
+        previous = {key: m.taps for key, m in modules.items()}  # an enclosing hooks() block's
         try:
             for key, taps in plan.items():
-                modules[key].taps = taps
+                merged = dict(previous[key] or {})
+                for local, (fn, name) in taps.items():
+                    merged[local] = (_chain(merged[local][0], fn) if local in merged else fn, name)
+                modules[key].taps = merged
             yield self
         finally:
-            for m in modules.values():
-                m.taps = None
+            for key, m in modules.items():
+                m.taps = previous[key]
 
     def _tap_targets(self) -> dict[str, tuple[_Tapped, str]]:
         """Every hookable name -> (module that emits it, its local name there)."""

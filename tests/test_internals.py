@@ -234,6 +234,23 @@ def test_patching_through_run_with_cache_shows_downstream_effect(pair, ids, cach
     assert not torch.allclose(logits, cached[0], atol=1e-3)
 
 
+def test_run_with_cache_inside_a_hooks_block_sees_the_patch_and_unwinds(pair, ids, cached):
+    model, _ = pair
+    order = []
+    outer = {"h.0.mlp.out": lambda a, n: (order.append("outer"), a * 0)[1], "ln_f": lambda a, n: order.append("ln_f")}
+    with model.hooks(outer):
+        logits, acts = model.run_with_cache(ids, names=["h.0.mlp.out", "h.1.resid_pre"],
+                                            hooks={"h.0.mlp.out": lambda a, n: order.append("inner")})
+        assert order == ["outer", "inner", "ln_f"]  # outer block first, then the inner one
+        assert (acts["h.0.mlp.out"] == 0).all()
+        assert torch.allclose(acts["h.1.resid_pre"], cached[1]["h.0.resid_mid"], atol=1e-6)
+        with torch.no_grad():
+            assert torch.equal(model(ids), logits)  # the outer hook is still there
+    with torch.no_grad():
+        assert torch.allclose(model(ids), cached[0], atol=1e-5)  # and gone after its block
+    assert not [m for m in model.modules() if getattr(m, "taps", None) is not None]
+
+
 # ----------------------------------------------------------------------- logit lens
 def test_logit_lens_last_row_is_the_models_top_k_and_first_row_the_embeddings(pair, ids):
     model, hf = pair
