@@ -362,7 +362,7 @@ def _explanations(model: GPT2) -> dict[str, list[str]]:
            "gelu": "GELU (exact)", "relu": "ReLU", "silu": "SiLU"}.get(c.activation_function, c.activation_function)
     return {
         "": [f"GPT-2 language model: token ids [B, T] in, next-token logits [B, T, {V}] out."],
-        "transformer": [f"The decoder stack: embeddings, {L} blocks, final LayerNorm. [B, T] ids -> [B, T, {C}]."],
+        "transformer": [f"The decoder stack: embeddings, {L} block(s), final LayerNorm. [B, T] ids -> [B, T, {C}]."],
         "transformer.wte": [
             f"Token embedding table, {V} rows x {C}: row i is the vector of token i.",
             f"[B, T] ids -> [B, T, {C}]. Also the output layer (see lm_head).",
@@ -373,8 +373,11 @@ def _explanations(model: GPT2) -> dict[str, list[str]]:
         ],
         "transformer.drop": ["Dropout on the summed embeddings (training only; identity in eval())."],
         "transformer.h": [
-            f"The {L} transformer blocks, applied in order; each reads and writes the",
+            f"The {L} transformer block{'s' if L != 1 else ''}, applied in order; each reads and writes the",
             f"residual stream x [B, T, {C}]: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)).",
+        ],
+        "transformer.h.*": [
+            f"One block; the {L} blocks have this same shape but each its own weights." if L > 1 else "The one block.",
         ],
         "transformer.h.*.ln_1": [
             f"LayerNorm before attention (pre-LN): each position's {C}-vector rescaled to",
@@ -383,6 +386,10 @@ def _explanations(model: GPT2) -> dict[str, list[str]]:
         "transformer.h.*.attn": [
             f"Masked (causal) self-attention, {nh} heads of {hs}: each position mixes in",
             "information from itself and earlier positions, never later ones.",
+            *(["This checkpoint also divides the scores of block N by N + 1 (scale_attn_by_inverse_layer_idx)."]
+              if c.scale_attn_by_inverse_layer_idx else []),
+            *(["Scores and softmax are computed in float32 (reorder_and_upcast_attn)."]
+              if c.reorder_and_upcast_attn else []),
         ],
         "transformer.h.*.attn.c_attn": [
             f"Queries, keys and values, each {C} wide, from one fused matmul: {C} -> 3 x {C} = {3 * C}",
