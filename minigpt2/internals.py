@@ -362,7 +362,7 @@ def _explanations(model: GPT2) -> dict[str, list[str]]:
            "gelu": "GELU (exact)", "relu": "ReLU", "silu": "SiLU"}.get(c.activation_function, c.activation_function)
     return {
         "": [f"GPT-2 language model: token ids [B, T] in, next-token logits [B, T, {V}] out."],
-        "transformer": [f"The decoder stack: embeddings, {L} block(s), final LayerNorm. [B, T] ids -> [B, T, {C}]."],
+        "transformer": [f"The decoder stack: embeddings, {L} block{'s' if L != 1 else ''}, final LayerNorm. [B, T] ids -> [B, T, {C}]."],
         "transformer.wte": [
             f"Token embedding table, {V} rows x {C}: row i is the vector of token i.",
             f"[B, T] ids -> [B, T, {C}]. Also the output layer (see lm_head).",
