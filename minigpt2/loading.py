@@ -445,7 +445,9 @@ def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any)
         tensors[name] = t.detach().to("cpu").contiguous()
     _atomic_write(out, SAFETENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config = model.config.to_dict()
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    # transformers v5 reads "dtype", v4 "torch_dtype": write both, so a "dtype" carried over
+    # from the source config.json (in config.extra) cannot contradict the saved weights.
+    config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     _atomic_write(out, CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     gen.update(getattr(model, "generation_config", None) or {})

@@ -517,6 +517,9 @@ def test_save_pretrained_round_trip(tiny, tmp_path):
 def test_save_bf16_round_trip(tiny, tmp_path):
     model = GPT2.from_pretrained(tiny[0], device="cpu", dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
+    # The config records the saved dtype (the source config said float32).
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert hf.dtype == torch.bfloat16
     back = GPT2.from_pretrained(tmp_path / "bf16", device="cpu", dtype=torch.bfloat16)
     for (n1, t1), (_, t2) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(t1, t2), n1
