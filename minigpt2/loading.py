@@ -113,6 +113,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | Non
     path = Path(name).expanduser()
     if path.is_dir():
         return _local_checkpoint(path)
+    if path.exists():  # e.g. the path of model.safetensors itself
+        raise ValueError(f"{name} is a file, not a checkpoint directory: pass the directory that holds {CONFIG}")
     if _looks_like_path(name):
         raise FileNotFoundError(f"checkpoint directory not found: {name}")
     return _hub_checkpoint(name, revision)
