@@ -199,6 +199,11 @@ def test_missing_directory(tmp_path):
         GPT2.from_pretrained(os.fspath(missing))
 
 
+def test_weights_file_instead_of_directory(tiny):
+    with pytest.raises(ValueError, match="model.safetensors.*not a checkpoint directory"):
+        GPT2.from_pretrained(tiny[0] / "model.safetensors")
+
+
 def test_directory_without_config(tiny, tmp_path):
     path, hf = tiny
     shutil.copy(path / "model.safetensors", tmp_path / "model.safetensors")

@@ -153,6 +153,28 @@ def test_loss_matches_transformers(tiny):
     assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item())
 
 
+def test_training_forward_and_gradients_match_transformers(make_checkpoint):
+    """Train mode (dropout 0, so both are deterministic): same loss, same gradients,
+    with and without gradient checkpointing."""
+    path, hf = make_checkpoint(seed=5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, n_layer=3)
+    model = GPT2.from_pretrained(path, device="cpu").train()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path).train()  # a copy: grads stay ours
+    ids = random_ids(TINY["vocab_size"], 2, 20, seed=14)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    ref = hf(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    ref.backward()
+    ref_grads = {n: p.grad for n, p in hf.named_parameters()}
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        loss = model.loss(ids, attention_mask=mask)
+        loss.backward()
+        assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+        for name, p in model.named_parameters():
+            assert rel_err(p.grad, ref_grads[name]) <= 1e-4, (checkpointing, name)
+
+
 # ------------------------------------------------------------------------ KV cache
 def test_cache_token_by_token_equals_full_forward(tiny):
     model, _ = tiny
