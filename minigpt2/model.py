@@ -351,14 +351,14 @@ class GPT2(nn.Module):
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
+        input_ids = _check_input_ids(input_ids[None] if _is_1d(input_ids) else input_ids, self.config.vocab_size)
         if labels is None:
             labels = input_ids
             if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
-        elif labels.dim() == 1:
-            labels = labels.unsqueeze(0)
+                mask = _check_attention_mask(attention_mask, *input_ids.shape, labels.device)
+                labels = labels.masked_fill(mask == 0, -100)
+        else:
+            labels = _check_labels(labels[None] if _is_1d(labels) else labels, self.config.vocab_size)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         logits = self(input_ids, attention_mask)  # (B, T, V) fp32
@@ -510,6 +510,22 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return input_ids if input_ids.dtype in (torch.int64, torch.int32) else input_ids.long()
 
 
+def _is_1d(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 1
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Labels are token ids in [0, vocab_size) or -100 (ignored); cross_entropy would
+    raise a bare IndexError (or a CUDA assert) for anything else."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of token ids, got {got}")
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
+    if bad.numel():
+        raise ValueError(f"label {int(bad[0])} is outside the vocabulary [0, {vocab_size}) and is not -100 (ignore)")
+    return labels.long()
+
+
 def _check_length(past: int, T: int, n_positions: int, cache: KVCache | None) -> None:
     if past + T > n_positions:
         raise ValueError(
@@ -534,6 +550,8 @@ def _check_cache(cache: KVCache, B: int, config: GPT2Config) -> None:
 
 
 def _check_attention_mask(mask: torch.Tensor, B: int, S: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor of 0/1, got {type(mask).__name__}")
     if mask.dim() == 1:
         mask = mask[None]
     if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != S:
