@@ -405,6 +405,31 @@ def test_attention_mask_shape_mismatch(tiny):
             model(ids, attention_mask=mask)
 
 
+def test_bad_attention_mask_type(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=[[1] * 5] * 2)
+
+
+def test_bad_labels(tiny):
+    model, _ = tiny
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="label 1000"):
+        model.loss(ids, labels=torch.full((2, 5), 1000))
+    with pytest.raises(ValueError, match="label -5"):
+        model.loss(ids, labels=torch.full((2, 5), -5))
+    with pytest.raises(ValueError, match="labels"):
+        model.loss(ids, labels=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="labels shape"):
+        model.loss(ids, labels=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id 1000"):
+        model.loss(torch.full((2, 5), 1000))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.loss(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="reduction"):
+        model.loss(ids, reduction="none")
+
+
 def test_bad_position_ids(tiny):
     model, _ = tiny
     ids = torch.zeros(2, 5, dtype=torch.long)
