@@ -190,6 +190,25 @@ def test_bad_dtype_and_device(tiny):
         GPT2.from_pretrained(tiny[0], device="gpu0")
 
 
+def test_loading_leaves_torch_state_alone(tiny):
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    with torch.no_grad():
+        GPT2.from_pretrained(tiny[0], device="cpu", dtype="bf16")
+    GPT2.from_pretrained(tiny[0], device="cpu")
+    assert torch.is_grad_enabled()
+    assert torch.get_num_threads() == threads and torch.get_default_dtype() == dtype
+    assert torch.empty(1).device == torch.device("cpu")  # no lingering meta-device context
+
+
+def test_untied_config_is_refused(tiny, tmp_path):
+    ckpt = new_checkpoint(tmp_path, tiny[0])
+    shutil.copy(tiny[0] / "model.safetensors", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        GPT2.from_pretrained(ckpt)
+
+
 # ------------------------------------------------------------------- bad checkpoints
 def test_missing_directory(tmp_path):
     missing = tmp_path / "nope"
