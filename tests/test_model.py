@@ -319,7 +319,8 @@ def test_print_matches_transformers_per_config(make_checkpoint, name):
 
 def test_print_gpt2_124m(gpt2_checkpoint):
     path, hf = gpt2_checkpoint
-    model = GPT2(GPT2Config.from_preset("gpt2"))
+    with torch.device("meta"):  # the print needs no weights
+        model = GPT2(GPT2Config.from_preset("gpt2"))
     assert repr(model).splitlines()[1:] == repr(hf).splitlines()[1:]
     assert "(c_attn): Conv1D(nf=2304, nx=768)" in repr(model)
 
@@ -362,7 +363,6 @@ def test_initialisation_statistics():
             # std of a sample std ~ std / sqrt(2n); allow 6 sigma plus a little.
             assert abs(p.std().item() - std) <= std * (6 / math.sqrt(2 * n) + 0.01), name
             assert abs(p.mean().item()) <= 6 * std / math.sqrt(n), name
-    assert not model.training or model.training  # built in train mode like nn.Module
     assert all(p.requires_grad for p in model.parameters())
 
 
