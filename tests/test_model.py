@@ -7,6 +7,7 @@ fp32 tolerance (CONVENTIONS.md): max |ours - transformers| <= 1e-4 x max |logit|
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY, build_hf_model
+from conftest import TINY
 from minigpt2 import GPT2, GPT2Config, KVCache
 from minigpt2.config import PRESETS
 
@@ -463,10 +464,6 @@ def test_cache_overflow_and_mismatch(tiny):
 
 
 # ---------------------------------------------------------------------------- config
-def hf_config_fields(hf_config: Any) -> dict[str, Any]:
-    return hf_config.to_dict()
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -479,8 +476,6 @@ def hf_config_fields(hf_config: Any) -> dict[str, Any]:
 def test_config_from_transformers_dict(kwargs):
     hf_cfg = transformers.GPT2Config(**kwargs)
     ours = GPT2Config.from_dict(hf_cfg.to_dict())
-    import dataclasses
-
     for f in dataclasses.fields(GPT2Config):
         if f.name == "extra":
             continue
@@ -492,8 +487,6 @@ def test_config_from_transformers_dict(kwargs):
 
 def test_config_absent_keys_take_transformers_defaults():
     ours, hf_cfg = GPT2Config.from_dict({}), transformers.GPT2Config()
-    import dataclasses
-
     for f in dataclasses.fields(GPT2Config):
         if f.name != "extra":
             assert getattr(ours, f.name) == getattr(hf_cfg, f.name), f.name
