@@ -255,7 +255,10 @@ class GPT2Model(_Tapped):
         """Final hidden states (B, T, C), after ln_f. See ``GPT2.forward`` for the arguments."""
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
             input_ids = input_ids[None]  # one row
-        B, T = _check_input_ids(input_ids, self.config.vocab_size)
+        input_ids = _check_input_ids(input_ids, self.config.vocab_size)
+        B, T = input_ids.shape
+        if cache is not None:
+            _check_cache(cache, B, self.config)
         past = cache.length if cache is not None else 0
         _check_length(past, T, self.config.n_positions, cache)
         if attention_mask is not None:
@@ -359,14 +362,14 @@ class GPT2(nn.Module):
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
+        input_ids = _check_input_ids(input_ids[None] if _is_1d(input_ids) else input_ids, self.config.vocab_size)
         if labels is None:
             labels = input_ids
             if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
-        elif labels.dim() == 1:
-            labels = labels.unsqueeze(0)
+                mask = _check_attention_mask(attention_mask, *input_ids.shape, labels.device)
+                labels = labels.masked_fill(mask == 0, -100)
+        else:
+            labels = _check_labels(labels[None] if _is_1d(labels) else labels, self.config.vocab_size)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         logits = self(input_ids, attention_mask)  # (B, T, V) fp32
@@ -512,7 +515,8 @@ def default_position_ids(
 
 
 # ---------------------------------------------------------------------- input checks
-def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The ids as int64 (or int32), after checking type, shape and range."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a LongTensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -526,7 +530,24 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return B, T
+    # nn.Embedding indexes with int64 or int32 only; widen the small integer types.
+    return input_ids if input_ids.dtype in (torch.int64, torch.int32) else input_ids.long()
+
+
+def _is_1d(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 1
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Labels are token ids in [0, vocab_size) or -100 (ignored); cross_entropy would
+    raise a bare IndexError (or a CUDA assert) for anything else."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of token ids, got {got}")
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
+    if bad.numel():
+        raise ValueError(f"label {int(bad[0])} is outside the vocabulary [0, {vocab_size}) and is not -100 (ignore)")
+    return labels.long()
 
 
 def _check_length(past: int, T: int, n_positions: int, cache: KVCache | None) -> None:
@@ -538,7 +559,23 @@ def _check_length(past: int, T: int, n_positions: int, cache: KVCache | None) ->
         raise ValueError(f"cache holds {cache.max_len} positions; {past} cached + {T} new do not fit")
 
 
+def _check_cache(cache: KVCache, B: int, config: GPT2Config) -> None:
+    """A cache made for another batch size or another model would fail deep inside a layer."""
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"cache must be a KVCache (model.make_cache), got {type(cache).__name__}")
+    if cache.batch_size != B:
+        raise ValueError(f"cache was made for batch_size={cache.batch_size}; input_ids has batch {B}")
+    n_layer, _, n_head, _, head_dim = cache.k.shape
+    if (n_layer, n_head, head_dim) != (config.n_layer, config.n_head, config.head_dim):
+        raise ValueError(
+            f"cache has n_layer={n_layer}, n_head={n_head}, head_dim={head_dim}; the model has "
+            f"n_layer={config.n_layer}, n_head={config.n_head}, head_dim={config.head_dim}"
+        )
+
+
 def _check_attention_mask(mask: torch.Tensor, B: int, S: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor of 0/1, got {type(mask).__name__}")
     if mask.dim() == 1:
         mask = mask[None]
     if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != S:
@@ -549,11 +586,16 @@ def _check_attention_mask(mask: torch.Tensor, B: int, S: int, device: torch.devi
 
 
 def _check_position_ids(position_ids: torch.Tensor, B: int, T: int, n_positions: int) -> torch.Tensor:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (
+        torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8,
+    ):
+        got = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be an integer tensor, got {got}")
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
-    if position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
+    if position_ids.dim() != 2 or position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
         raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match [batch={B}, seq={T}]")
     lo, hi = int(position_ids.min()), int(position_ids.max())
     if lo < 0 or hi >= n_positions:
         raise ValueError(f"position id {lo if lo < 0 else hi} is outside [0, n_positions={n_positions})")
-    return position_ids
+    return position_ids.long()
