@@ -9,6 +9,7 @@
 from .cache import KVCache
 from .config import PRESETS, GPT2Config
 from .generation import StreamStep, generate, stream
+from .internals import ActivationCache, LogitLens, ScoreResult, logit_lens, score
 from .loading import get_device
 from .model import GPT2
 from .tokenizer import Tokenizer
@@ -16,6 +17,7 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT2", "GPT2Config", "KVCache", "PRESETS", "StreamStep", "Tokenizer",
-    "generate", "get_device", "stream", "__version__",
+    "GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "get_device", "__version__",
+    "ActivationCache", "LogitLens", "ScoreResult", "logit_lens", "score",
+    "StreamStep", "generate", "stream",
 ]
