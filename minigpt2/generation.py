@@ -12,7 +12,7 @@ timed or swapped alone.
 
 Every model call goes through ``_forward_last``: the transformer on the new tokens, then
 the unembedding of the last position only (the whole [B, T, V] logits of a long prompt
-are never built). A faster forward replaces that one function.
+are never built). That function is also where the fast kernels (fast.py) come in.
 
 The arguments, defaults and results are those of transformers' ``generate`` (v5): the
 logits processors run in its order (sampling.py), a token is drawn with softmax +
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import sampling
+from . import fast, sampling
 from .sampling import Processors
 
 if TYPE_CHECKING:  # model.py imports this module; a runtime import would be circular
@@ -62,9 +62,12 @@ def _forward_last(
 
     ids, positions: [B, T] (positions [1, T] when every row has the same ones); mask:
     [B, past + T] with 0 at padding, or None when there is none; the cache is appended to.
+    The weight matrices go through the host's fastest kernel (fast.py), unless gradients,
+    hooks or training mode call for the plain path.
     """
-    h = model.transformer(ids, mask, positions, cache)  # (B, T, C)
-    return model.lm_head(h[:, -1]).float()  # (B, V): only the last position is unembedded
+    with fast.fast_path(model, ids.shape[0]) as unembed:
+        h = model.transformer(ids, mask, positions, cache)  # (B, T, C)
+        return unembed(h[:, -1])  # (B, V): only the last position is unembedded
 
 
 def prefill(model: GPT2, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
