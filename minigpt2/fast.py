@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.modules import module as _module_hooks
 
 from . import kernels
 from .kernels import PreparedLinear
@@ -75,10 +76,16 @@ def conv1ds(model: GPT2) -> list[Conv1D]:
 
 
 def usable(model: GPT2) -> bool:
-    """Whether the fast path may run now: autograd off, eval mode, no hooks installed."""
+    """Whether the fast path may run now: autograd off, eval mode, no hooks installed (neither
+    minigpt2's ``hooks`` nor torch forward hooks on the modules it would bypass)."""
     if torch.is_grad_enabled() or model.training:
         return False
-    return all(m.taps is None for m in _modules(model)[1])
+    convs, tapped = _modules(model)
+    if any(m.taps is not None for m in tapped):
+        return False
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in (model.lm_head, *convs))
 
 
 def _sources(model: GPT2) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:

@@ -289,9 +289,11 @@ def measure(
     rounds: int = 5,
 ) -> dict[str, float]:
     """Best seconds per pass of x @ W^T + b over every matrix, per candidate kernel."""
+    w0 = matrices[0][0]
     with torch.no_grad():
         prepared = {k: [PreparedLinear(k, w, b, batch_size) for w, b in matrices] for k in candidates}
-        xs = [torch.randn(batch_size, w.shape[1], dtype=w.dtype, device=w.device) for w, _ in matrices]
+        g = torch.Generator(device=w0.device).manual_seed(0)  # the global RNG is the user's (seeded sampling)
+        xs = [torch.randn(batch_size, w.shape[1], generator=g, device=w.device).to(w.dtype) for w, _ in matrices]
         runs: dict[str, list[float]] = {k: [] for k in candidates}
         for r in range(rounds + 1):
             for k in candidates:

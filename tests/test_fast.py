@@ -204,6 +204,18 @@ def test_plain_path_with_grad_hooks_or_training(pair, kernel: str) -> None:
                 assert x.grad is not None
 
 
+def test_torch_forward_hooks_take_plain_path(pair) -> None:
+    model, _ = pair
+    seen: list[tuple[int, ...]] = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        with kernels.force(KERNELS[-1]):
+            _fast_logits(model, _ids(1, 3))
+    finally:
+        handle.remove()
+    assert seen == [(1, 3, 64)]
+
+
 @needs_generate
 def test_generate_under_hooks_takes_plain_path(pair, monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = pair
@@ -274,6 +286,14 @@ def test_choice_is_measured_once_then_cached(pair, tmp_path: Path, monkeypatch: 
     # The key names the host, the torch version, the shapes, the dtype and the batch bucket.
     key = next(iter(data))
     assert kernels.host_id() in key and torch.__version__ in key and "float32" in key and "batch 1" in key
+
+
+def test_measuring_leaves_the_global_rng_alone(pair) -> None:
+    """The first generate measures kernels; seeded sampling must not notice."""
+    model, _ = pair
+    state = torch.get_rng_state()
+    kernels.measure(fast._sources(model)[0][:4], KERNELS, 2, rounds=1)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_env_var_forces_a_kernel(pair, monkeypatch: pytest.MonkeyPatch) -> None:
