@@ -80,15 +80,26 @@ def write_zero_checkpoint(directory: Path, size: str) -> int:
 
 
 def load_peak_rss(directory: Path, dtype: str = "float32") -> dict[str, float]:
-    """Peak RSS of ``from_pretrained`` in a fresh process, minus its RSS after the imports."""
+    """Peak RSS of ``from_pretrained`` in a fresh process, minus its RSS after the imports.
+
+    The peak is the process's high-water mark (VmHWM in /proc/self/status; ``ru_maxrss``
+    where there is no /proc). On Linux ``ru_maxrss`` of a child started by a big parent
+    (this benchmark holds three models) carries the parent's peak over the exec, VmHWM not.
+    """
     code = f"""
 import resource, json, torch, minigpt2
 def rss():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * {os.sysconf('SC_PAGE_SIZE')}
+def peak_rss():
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM:'))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 base = rss()
 m = minigpt2.GPT2.from_pretrained({str(directory)!r}, dtype={dtype!r}, device='cpu')
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 wb = sum(p.numel() * p.element_size() for p in m.parameters())
 print(json.dumps({{'peak': peak - base, 'weights': wb, 'after': rss() - base}}))
 """
