@@ -34,7 +34,7 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -281,6 +281,11 @@ def choose(
     return best
 
 
+def decisions() -> dict[str, str]:
+    """The kernel chosen so far in this process, per decision key (host | torch | role | dtype | batch)."""
+    return dict(_decisions)
+
+
 def measure(
     matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
     candidates: Sequence[str],
@@ -303,18 +308,3 @@ def measure(
                 if r > 0:  # round 0 warms caches and oneDNN's kernel selection
                     runs[k].append(time.perf_counter() - t)
     return {k: min(v) for k, v in runs.items()}
-
-
-def build(
-    role: str,
-    matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
-    batch_size: int,
-    kernel: str | None = None,
-) -> list[PreparedLinear]:
-    """Prepare every matrix for the chosen (or given) kernel."""
-    kernel = kernel or choose(role, matrices, batch_size)
-    return [PreparedLinear(kernel, w, b, batch_size) for w, b in matrices]
-
-
-Matrices = Sequence[tuple[torch.Tensor, torch.Tensor | None]]
-Kernel = Callable[[torch.Tensor], torch.Tensor]

@@ -274,14 +274,15 @@ class Bench:
         for key, model in (("fp32", self.ours), ("bf16", self.ours_bf16)):
             passes = kernel_passes(model)
             gb = matrix_bytes(model) / 1e9
-            chosen = fast.kernel_names(model)
-            self.extra[f"kernels_{key}"] = {"passes_per_s": passes, "chosen_batch1": chosen}
+            self.extra[f"kernels_{key}"] = {"passes_per_s": passes}
             for k, v in passes.items():
                 self.add(f"GEMV pass over all matrices, {key}, kernel {k} (passes/s, {v * gb:.1f} GB/s)", v, None,
                          "1/s")
-            print(f"  chosen at batch 1 ({key}): {chosen}")
-        # what the last (batch-8 / prefill) generate left prepared; the batch-8 choice
-        self.extra["chosen_last_use"] = {"fp32": fast.kernel_names(self.ours), "bf16": fast.kernel_names(self.ours_bf16)}
+        # The choices the generate calls above made (measured on first use, or from the cache file).
+        chosen = {k.split(" | ", 2)[2]: v for k, v in kernels.decisions().items()}
+        self.extra["chosen_kernels"] = chosen
+        for k, v in sorted(chosen.items()):
+            print(f"  chosen: {v:10s} for {k}")
 
     def memory_rows(self) -> None:
         for key, model in (("fp32", self.ours), ("bf16", self.ours_bf16)):
