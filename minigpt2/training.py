@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -144,22 +145,21 @@ def load_tokens(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = cache / f"{key}.{np.dtype(dtype).name}.bin"
     if not path.is_file():
-        ids: list[int] = []
-        for i, f in enumerate(files):
-            try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{f} is not UTF-8 text ({e})") from None
-            if i > 0:
-                ids.append(tokenizer.eos_token_id)
-            ids.extend(tokenizer.encode(text))
-        if not any(f.stat().st_size for f in files) or not ids:
-            raise ValueError(f"data {data} is empty")
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache)
-        os.close(fd)
         try:
-            np.asarray(ids, dtype=dtype).tofile(tmp)
+            with os.fdopen(fd, "wb") as out:
+                for i, f in enumerate(files):
+                    try:
+                        text = f.read_text(encoding="utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"{f} is not UTF-8 text ({e})") from None
+                    if i > 0:
+                        out.write(np.asarray([tokenizer.eos_token_id], dtype=dtype).tobytes())
+                    for ids in tokenizer.encode_batch(text_chunks(text)):
+                        out.write(np.asarray(ids, dtype=dtype).tobytes())
+            if os.path.getsize(tmp) == 0:
+                raise ValueError(f"data {data} is empty")
             os.replace(tmp, path)  # another process may have written the same file: same bytes
         finally:
             if os.path.exists(tmp):
@@ -167,6 +167,27 @@ def load_tokens(
     if path.stat().st_size == 0:
         raise ValueError(f"data {data} is empty")
     return np.memmap(path, dtype=dtype, mode="r"), key
+
+
+_CHUNK_END = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def text_chunks(text: str, size: int = 1 << 20) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters that tokenize to exactly the
+    tokens of the whole (so a large file is tokenized in parallel, without one huge list).
+
+    Each cut falls right after a lone newline between two non-space characters: GPT-2's
+    pre-tokenizer makes that newline a piece of its own, in the whole text as at the end of
+    a chunk, and BPE never merges across pieces. (After a run of whitespace it would not:
+    "\n\n" ends a text as one token but is two before a word.)
+    """
+    chunks, start = [], 0
+    while start < len(text):
+        m = _CHUNK_END.search(text, start + size)
+        end = m.end() if m else len(text)
+        chunks.append(text[start:end])
+        start = end
+    return chunks
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -351,6 +372,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes")
     out = Path(cfg.out).expanduser()
     state = _check_out_dir(out, cfg.resume)
+    if state is not None and cfg.steps <= int(state["step"]):
+        raise ValueError(f"the run in {out} is already at step {state['step']}; give --steps > {state['step']} to continue it")
     if cfg.plot:
         _require_matplotlib()
     started_dist = _init_dist(world, device)

@@ -27,6 +27,7 @@ from minigpt2.training import (
     next_token_loss,
     plot_log,
     read_log,
+    text_chunks,
     train,
     train_batch,
 )
@@ -240,6 +241,18 @@ def test_data_folder_cache_and_batches(tmp_path: Path) -> None:
     assert torch.equal(train_batch(data, 5, 6, 8, 0)[0], x) and not torch.equal(train_batch(data, 6, 6, 8, 0)[0], x)
 
 
+def test_chunked_tokenization_equals_the_whole() -> None:
+    """Large files are tokenized in chunks; the ids must be those of the whole text."""
+    tok = Tokenizer()
+    text = ("A line.\nAnother line,\n\nafter a blank line\n  indented\n\tTab\n<|endoftext|>next\n"
+            "don't\nstop\u00a0here\n \nend") * 20
+    for size in (1, 5, 40, 10**6):
+        chunks = text_chunks(text, size)
+        assert "".join(chunks) == text
+        assert [i for c in chunks for i in tok.encode(c)] == tok.encode(text), size
+    assert len(text_chunks(text, 5)) > 20
+
+
 # ------------------------------------------------------------------------ loop
 def _config_file(tmp_path: Path, **overrides: Any) -> str:
     text = json.dumps({**TINY_TRAIN, **overrides})
@@ -293,6 +306,8 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert first.step == 8
     with pytest.raises(ValueError, match="--resume"):
         train(_cfg(tmp_path, out="split", steps=16, **common))
+    with pytest.raises(ValueError, match="already at step 8"):
+        train(_cfg(tmp_path, out="split", steps=8, resume=True, **common))
     second = train(_cfg(tmp_path, out="split", steps=16, resume=True, **common))
     assert first.losses + second.losses == full.losses
     assert [r["loss"] for r in read_log(tmp_path / "split")] == [loss for _, loss in full.losses]
