@@ -543,6 +543,8 @@ def _precision(precision: str | None, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r} must be 'fp32' or 'bf16'")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision='bf16' is not supported on {torch.cuda.get_device_name(device)}; use fp32")
     return precision
 
 
