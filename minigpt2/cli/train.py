@@ -35,8 +35,10 @@ def register(sub: Any) -> None:
 
     def opt(flag: str, type_: Any, help_: str, metavar: str | None = None) -> None:
         name = flag.lstrip("-").replace("-", "_")
-        p.add_argument(flag, type=type_, default=_DEFAULTS[name], metavar=metavar,
-                       help=f"{help_} (default: {_DEFAULTS[name]})")
+        default = _DEFAULTS[name]
+        if default is not None and "default:" not in help_:
+            help_ += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
+        p.add_argument(flag, type=type_, default=default, metavar=metavar, help=help_)
 
     opt("--steps", int, "optimizer steps to train to", "N")
     opt("--batch-size", int, "rows per micro-batch, over all processes", "B")
@@ -55,7 +57,7 @@ def register(sub: Any) -> None:
     opt("--sample-prompt", str, "prompt of the samples printed at each evaluation", "TEXT")
     opt("--sample-tokens", int, "tokens per sample (0: no samples)", "N")
     opt("--seed", int, "random seed", "S")
-    opt("--dropout", float, "override the config's dropout probabilities", "P")
+    opt("--dropout", float, "override the config's dropout probabilities (default: the config's)", "P")
     opt("--cache-dir", str, "where tokenized data is cached (default: ~/.cache/minigpt2/tokens)", "DIR")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
