@@ -8,10 +8,16 @@
 
 from .cache import KVCache
 from .config import PRESETS, GPT2Config
+from .generation import StreamStep, generate, stream
+from .internals import ActivationCache, LogitLens, ScoreResult, logit_lens, score
 from .loading import get_device
 from .model import GPT2
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "get_device", "__version__"]
+__all__ = [
+    "GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "get_device", "__version__",
+    "ActivationCache", "LogitLens", "ScoreResult", "logit_lens", "score",
+    "StreamStep", "generate", "stream",
+]

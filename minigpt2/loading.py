@@ -113,6 +113,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | Non
     path = Path(name).expanduser()
     if path.is_dir():
         return _local_checkpoint(path)
+    if path.exists():  # e.g. the path of model.safetensors itself
+        raise ValueError(f"{name} is a file, not a checkpoint directory: pass the directory that holds {CONFIG}")
     if _looks_like_path(name):
         raise FileNotFoundError(f"checkpoint directory not found: {name}")
     return _hub_checkpoint(name, revision)
@@ -149,33 +151,58 @@ def _shards(index_file: Path) -> list[str]:
 def _hub_checkpoint(repo_id: str, revision: str | None) -> tuple[Path, list[Path]]:
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise ValueError(f"{repo_id!r} is not a local directory and huggingface_hub is not installed") from None
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except EntryNotFoundError:  # the repo lacks the file, or (Local...) it is not cached
+            raise
+        except Exception as e:  # network errors, 401/404, bad repo id, ...
+            raise _hub_error(repo_id, e) from None
 
     try:
         config = fetch(CONFIG)
-        for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
+    except EntryNotFoundError as e:  # LocalEntryNotFoundError included: offline, not cached
+        raise _hub_error(repo_id, e) from None
+    not_cached: Exception | None = None
+    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
+        for filename in (single, index):
             try:
-                return config, [fetch(single)]
-            except EntryNotFoundError:
-                pass
-            try:
-                index_path = fetch(index)
-            except EntryNotFoundError:
+                found = fetch(filename)
+            except LocalEntryNotFoundError as e:  # (a subclass: test it first) not cached, no Hub
+                not_cached = not_cached or e
                 continue
-            return config, [fetch(f) for f in _shards_listed(index_path)]
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as e:  # network errors, 401/404, offline without a cached copy, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"could not get checkpoint {repo_id!r} from the Hugging Face Hub (and no such local directory): {reason}"
-        ) from None
+            except EntryNotFoundError:  # the repo has no such file: try the next layout
+                continue
+            if filename == single:
+                return config, [found]
+            try:
+                return config, [fetch(f) for f in _shards_listed(found)]
+            except EntryNotFoundError as e:
+                raise _hub_error(repo_id, e) from None
+    if not_cached is not None:
+        raise _hub_error(repo_id, not_cached)
     raise ValueError(f"Hub repo {repo_id!r} has no {SAFETENSORS} or {PYTORCH_BIN} weights")
+
+
+def _hub_error(repo_id: str, e: Exception) -> ValueError:
+    """huggingface_hub's exceptions (some of them FileNotFoundError / ValueError subclasses,
+    none naming the repo) as one ValueError that names the repo and says what to do."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError):
+        reason = (
+            "it is not in the local Hugging Face cache and the Hub cannot be reached"
+            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else "")
+            + "; download it once while online, or pass a local directory"
+        )
+    else:
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+    return ValueError(f"could not get checkpoint {repo_id!r} from the Hugging Face Hub (and no such local directory): {reason}")
 
 
 def _shards_listed(index_file: Path) -> list[str]:
@@ -311,6 +338,13 @@ def load_state_from_files(model: GPT2, files: list[Path]) -> None:
             continue
         found[name] = src
     lm_head = found.pop("__lm_head__", None)
+    wte = params["transformer.wte.weight"]
+    if lm_head is not None and tuple(lm_head.shape) != tuple(wte.shape):
+        # The head is tied to wte and not loaded on its own, but a stored one must fit.
+        raise ValueError(
+            f"shape mismatch for lm_head.weight in {lm_head.file}: checkpoint has {list(lm_head.shape)}, "
+            f"the config needs {list(wte.shape)} (tied to transformer.wte.weight)"
+        )
     if lm_head is not None and "transformer.wte.weight" not in found:
         found["transformer.wte.weight"] = lm_head  # head stored, embedding left out: same tensor
     missing = [n for n in params if n not in found]
@@ -413,7 +447,9 @@ def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any)
         tensors[name] = t.detach().to("cpu").contiguous()
     _atomic_write(out, SAFETENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config = model.config.to_dict()
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    # transformers v5 reads "dtype", v4 "torch_dtype": write both, so a "dtype" carried over
+    # from the source config.json (in config.extra) cannot contradict the saved weights.
+    config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     _atomic_write(out, CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     gen.update(getattr(model, "generation_config", None) or {})

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import generation, internals
 from .cache import KVCache
 from .config import GPT2Config
 
@@ -106,13 +107,23 @@ class _Tapped(nn.Module):
         if self.taps is None or name not in self.taps:
             return x
         fn, full_name = self.taps[name]
-        out = fn(x, full_name)
-        if out is None:
-            return x
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"hook for {full_name!r} returned {got}; expected a tensor of shape {tuple(x.shape)}")
-        return out
+        return _apply_hook(fn, x, full_name)
+
+
+def _apply_hook(fn: HookFn, x: torch.Tensor, name: str) -> torch.Tensor:
+    """fn(x, name), checked: None keeps x; a replacement must have x's shape (cast to its dtype/device)."""
+    out = fn(x, name)
+    if out is None:
+        return x
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"hook for {name!r} returned {got}; expected a tensor of shape {tuple(x.shape)}")
+    return out.to(device=x.device, dtype=x.dtype)  # e.g. torch.zeros(shape): fp32 on cpu
+
+
+def _chain(outer: HookFn, inner: HookFn) -> HookFn:
+    """Two hooks on one name (nested ``hooks()`` blocks): the outer block's first."""
+    return lambda x, name: _apply_hook(inner, _apply_hook(outer, x, name), name)
 
 
 class GPT2Attention(_Tapped):
@@ -244,7 +255,10 @@ class GPT2Model(_Tapped):
         """Final hidden states (B, T, C), after ln_f. See ``GPT2.forward`` for the arguments."""
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
             input_ids = input_ids[None]  # one row
-        B, T = _check_input_ids(input_ids, self.config.vocab_size)
+        input_ids = _check_input_ids(input_ids, self.config.vocab_size)
+        B, T = input_ids.shape
+        if cache is not None:
+            _check_cache(cache, B, self.config)
         past = cache.length if cache is not None else 0
         _check_length(past, T, self.config.n_positions, cache)
         if attention_mask is not None:
@@ -348,14 +362,14 @@ class GPT2(nn.Module):
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
+        input_ids = _check_input_ids(input_ids[None] if _is_1d(input_ids) else input_ids, self.config.vocab_size)
         if labels is None:
             labels = input_ids
             if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
-        elif labels.dim() == 1:
-            labels = labels.unsqueeze(0)
+                mask = _check_attention_mask(attention_mask, *input_ids.shape, labels.device)
+                labels = labels.masked_fill(mask == 0, -100)
+        else:
+            labels = _check_labels(labels[None] if _is_1d(labels) else labels, self.config.vocab_size)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         logits = self(input_ids, attention_mask)  # (B, T, V) fp32
@@ -363,6 +377,10 @@ class GPT2(nn.Module):
         return F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
         )
+
+    # -------------------------------------------------------------- generation
+    generate = generation.generate  # model.generate(input_ids, ..., max_new_tokens=N): see generation.py
+    stream = generation.stream  # model.stream(tokenizer, prompt, ...): the same, step by step
 
     # ------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -382,43 +400,56 @@ class GPT2(nn.Module):
         Names: ``embed``, ``h.N.{resid_pre, ln_1, attn.q, attn.k, attn.v, attn.pattern,
         attn.out, resid_mid, ln_2, mlp.act, mlp.out, resid_post}``, ``ln_f``. Each fn gets
         (activation, name) and returns a replacement of the same shape, or None to keep it.
-        Hooks are removed on exit, also after an exception.
+        Hooks are removed on exit, also after an exception. Blocks may nest (e.g.
+        ``run_with_cache`` inside a patching block): on a shared name the outer hook runs first.
         """
         targets = self._tap_targets()
         plan: dict[int, dict[str, tuple[HookFn, str]]] = {}
         for name, fn in fns.items():
             if name not in targets:
-                raise ValueError(f"unknown activation name {name!r}; see minigpt2.activation_names()")
+                raise ValueError(f"unknown activation name {name!r}; see model.activation_names()")
             if not callable(fn):
                 raise ValueError(f"hook for {name!r} is not callable")
             module, local = targets[name]
             plan.setdefault(id(module), {})[local] = (fn, name)
         modules = {id(m): m for m, _ in targets.values()}
-        if any(m.taps is not None for m in modules.values()):
-            raise RuntimeError("hooks are already installed on this model; nested hooks() is not supported")
+        previous = {key: m.taps for key, m in modules.items()}  # an enclosing hooks() block's
         try:
             for key, taps in plan.items():
-                modules[key].taps = taps
+                merged = dict(previous[key] or {})
+                for local, (fn, name) in taps.items():
+                    merged[local] = (_chain(merged[local][0], fn) if local in merged else fn, name)
+                modules[key].taps = merged
             yield self
         finally:
-            for m in modules.values():
-                m.taps = None
+            for key, m in modules.items():
+                m.taps = previous[key]
 
     def _tap_targets(self) -> dict[str, tuple[_Tapped, str]]:
         """Every hookable name -> (module that emits it, its local name there)."""
         t = self.transformer
-        out: dict[str, tuple[_Tapped, str]] = {"embed": (t, "embed"), "ln_f": (t, "ln_f")}
-        for i, block in enumerate(t.h):
-            for local in ("resid_pre", "ln_1", "attn.out", "resid_mid", "ln_2", "mlp.out", "resid_post"):
+        out: dict[str, tuple[_Tapped, str]] = {"embed": (t, "embed")}
+        for i, block in enumerate(t.h):  # in the order the forward computes them
+            for local in ("resid_pre", "ln_1"):
                 out[f"h.{i}.{local}"] = (block, local)
             for local in ("q", "k", "v", "pattern"):
                 out[f"h.{i}.attn.{local}"] = (block.attn, local)
+            for local in ("attn.out", "resid_mid", "ln_2"):
+                out[f"h.{i}.{local}"] = (block, local)
             out[f"h.{i}.mlp.act"] = (block.mlp, "act")
+            for local in ("mlp.out", "resid_post"):
+                out[f"h.{i}.{local}"] = (block, local)
+        out["ln_f"] = (t, "ln_f")
         return out
 
     def activation_names(self) -> list[str]:
         """Every name ``hooks`` and ``run_with_cache`` accept, in forward order."""
         return list(self._tap_targets())
+
+    # Inspection (internals.py): activation cache and parameter counts.
+    run_with_cache = internals.run_with_cache
+    num_parameters = internals.num_parameters
+    parameter_breakdown = internals.parameter_breakdown
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -488,7 +519,8 @@ def default_position_ids(
 
 
 # ---------------------------------------------------------------------- input checks
-def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The ids as int64 (or int32), after checking type, shape and range."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a LongTensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -502,7 +534,24 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return B, T
+    # nn.Embedding indexes with int64 or int32 only; widen the small integer types.
+    return input_ids if input_ids.dtype in (torch.int64, torch.int32) else input_ids.long()
+
+
+def _is_1d(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 1
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Labels are token ids in [0, vocab_size) or -100 (ignored); cross_entropy would
+    raise a bare IndexError (or a CUDA assert) for anything else."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of token ids, got {got}")
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= vocab_size))]
+    if bad.numel():
+        raise ValueError(f"label {int(bad[0])} is outside the vocabulary [0, {vocab_size}) and is not -100 (ignore)")
+    return labels.long()
 
 
 def _check_length(past: int, T: int, n_positions: int, cache: KVCache | None) -> None:
@@ -514,7 +563,23 @@ def _check_length(past: int, T: int, n_positions: int, cache: KVCache | None) ->
         raise ValueError(f"cache holds {cache.max_len} positions; {past} cached + {T} new do not fit")
 
 
+def _check_cache(cache: KVCache, B: int, config: GPT2Config) -> None:
+    """A cache made for another batch size or another model would fail deep inside a layer."""
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"cache must be a KVCache (model.make_cache), got {type(cache).__name__}")
+    if cache.batch_size != B:
+        raise ValueError(f"cache was made for batch_size={cache.batch_size}; input_ids has batch {B}")
+    n_layer, _, n_head, _, head_dim = cache.k.shape
+    if (n_layer, n_head, head_dim) != (config.n_layer, config.n_head, config.head_dim):
+        raise ValueError(
+            f"cache has n_layer={n_layer}, n_head={n_head}, head_dim={head_dim}; the model has "
+            f"n_layer={config.n_layer}, n_head={config.n_head}, head_dim={config.head_dim}"
+        )
+
+
 def _check_attention_mask(mask: torch.Tensor, B: int, S: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor of 0/1, got {type(mask).__name__}")
     if mask.dim() == 1:
         mask = mask[None]
     if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] != S:
@@ -525,11 +590,16 @@ def _check_attention_mask(mask: torch.Tensor, B: int, S: int, device: torch.devi
 
 
 def _check_position_ids(position_ids: torch.Tensor, B: int, T: int, n_positions: int) -> torch.Tensor:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (
+        torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8,
+    ):
+        got = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be an integer tensor, got {got}")
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
-    if position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
+    if position_ids.dim() != 2 or position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
         raise ValueError(f"position_ids shape {tuple(position_ids.shape)} does not match [batch={B}, seq={T}]")
     lo, hi = int(position_ids.min()), int(position_ids.max())
     if lo < 0 or hi >= n_positions:
         raise ValueError(f"position id {lo if lo < 0 else hi} is outside [0, n_positions={n_positions})")
-    return position_ids
+    return position_ids.long()

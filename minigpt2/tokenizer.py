@@ -29,11 +29,14 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tiktoken
 
@@ -150,7 +153,9 @@ class _Core:
     special_regex: re.Pattern[str] | None
     vocab: Mapping[str, int]  # as read from vocab.json (for save_pretrained)
     merges: tuple[str, ...]  # raw "a b" merge lines (for save_pretrained)
-    added_tokens: Mapping[str, int]  # special tokens declared outside vocab.json
+    # First characters of the special tokens: texts containing none of them
+    # skip the special-token split (the common case, "<" for <|...|> tokens).
+    special_first_chars: frozenset[str]
 
 
 def _read_merges(path: Path) -> list[str]:
@@ -249,12 +254,15 @@ def _build_core(
     for token, idx in vocab.items():
         if idx not in reachable_ids and _SPECIAL_LOOKING.fullmatch(token):
             special_tokens[token] = idx
+    vocab_ids = set(ids)
     for token, idx in added_tokens.items():
+        if not token:
+            continue
         if token in vocab and vocab[token] != idx:
             raise ValueError(
                 f"{source}: added token {token!r} has id {idx} but vocab.json says {vocab[token]}"
             )
-        if token not in vocab and idx in set(vocab.values()):
+        if token not in vocab and idx in vocab_ids:
             raise ValueError(f"{source}: added token {token!r} reuses id {idx} of vocab.json")
         special_tokens[token] = idx
     if len(set(special_tokens.values())) != len(special_tokens):
@@ -289,7 +297,7 @@ def _build_core(
         special_regex=special_regex,
         vocab=dict(vocab),
         merges=tuple(merges),
-        added_tokens=dict(added_tokens),
+        special_first_chars=frozenset(tok[0] for tok in special_tokens),
     )
 
 
@@ -370,20 +378,48 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Cheap check that the Hub endpoint accepts TCP connections.
+
+    ``huggingface_hub`` retries failed connections with back-off (about 25 s
+    and a page of warnings when offline); one short connect avoids that.
+    With a proxy configured the check is skipped (the proxy decides).
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_download(repo_id: str) -> Path | None:
     """Directory holding ``repo_id``'s vocab.json + merges.txt, or None.
 
     The local Hugging Face cache is tried first (instant, no network); the
-    network only when ``HF_HUB_OFFLINE`` is not set, with a short timeout.
-    Any failure (no ``huggingface_hub``, no network, unknown repo) gives None.
+    network only when ``HF_HUB_OFFLINE`` is not set and the Hub answers a
+    quick connection check.  Any failure (no ``huggingface_hub``, no network,
+    unknown repo, invalid id) gives None.
     """
     try:
         from huggingface_hub import hf_hub_download
     except Exception:  # pragma: no cover - huggingface_hub is a transformers dependency
         return None
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    attempts = [True] if offline else [True, False]
-    for local_only in attempts:
+    for local_only in (True, False):
+        if not local_only and (offline or not _hub_reachable()):
+            break
         try:
             vocab = hf_hub_download(
                 repo_id, _VOCAB_NAME, local_files_only=local_only, etag_timeout=5
@@ -472,7 +508,8 @@ class Tokenizer:
         extra = tuple(sorted((str(k), int(v)) for k, v in (added_tokens or {}).items()))
         self._core = _load_core(_file_key(vocab_path), _file_key(merges_path), extra)
         self._eos_token = eos_token if eos_token is not None else DEFAULT_EOS_TOKEN
-        eos_id = self._core.special_tokens.get(self._eos_token, self._core.vocab.get(self._eos_token))
+        core = self._core
+        eos_id = core.special_tokens.get(self._eos_token, core.vocab.get(self._eos_token))
         if eos_id is None:
             raise ValueError(f"eos token {self._eos_token!r} is not in the vocabulary")
         self._eos_token_id = eos_id
@@ -503,12 +540,12 @@ class Tokenizer:
             return cls()
         if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
             raise FileNotFoundError(f"tokenizer directory not found: {name!r}")
+        if name in _GPT2_REPO_IDS:  # the packaged files are exactly these repos' files
+            return cls()
         directory = _hub_download(name)
         if directory is not None:
             return cls._from_directory(directory)
-        if name not in _GPT2_REPO_IDS:
-            logger.warning("could not get the tokenizer of %r; using the packaged GPT-2 tokenizer",
-                           name)  # fmt: skip
+        logger.warning("could not load the tokenizer of %r; using packaged GPT-2 files", name)
         return cls()
 
     @classmethod
@@ -549,7 +586,7 @@ class Tokenizer:
     def _split_special(self, text: str) -> list[str | int]:
         """Split text into ordinary segments (str) and special token ids (int)."""
         regex = self._core.special_regex
-        if regex is None or "<" not in text and not self._has_odd_specials:
+        if regex is None or not any(ch in text for ch in self._core.special_first_chars):
             return [text]
         parts = regex.split(text)  # capturing group: odd positions are specials
         out: list[str | int] = []
@@ -559,12 +596,6 @@ class Tokenizer:
             elif part:
                 out.append(part)
         return out
-
-    @functools.cached_property
-    def _has_odd_specials(self) -> bool:
-        # Fast path above skips texts without "<"; only valid if every special
-        # token contains "<" (true for <|...|> tokens).
-        return any("<" not in s for s in self._core.special_tokens)
 
     def _ranks_to_ids(self, ranks: list[int]) -> list[int]:
         table = self._core.rank_to_id
@@ -589,24 +620,22 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Iterable[str], num_threads: int = 8) -> list[list[int]]:
-        """Encode many texts (in parallel threads inside tiktoken)."""
+        """Encode many texts; large batches are split over threads.
+
+        tiktoken releases the GIL while encoding, so threads help on big
+        batches; small ones are encoded in a plain loop (less overhead).
+        """
         texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch expects str items, got {type(t).__name__}")
-        split = [self._split_special(t) for t in texts]
-        ordinary = [p for parts in split for p in parts if isinstance(p, str)]
-        encoded = iter(self._core.encoding.encode_ordinary_batch(ordinary, num_threads=num_threads))
-        out: list[list[int]] = []
-        for parts in split:
-            ids: list[int] = []
-            for part in parts:
-                if isinstance(part, int):
-                    ids.append(part)
-                else:
-                    ids.extend(self._ranks_to_ids(next(encoded)))
-            out.append(ids)
-        return out
+        if num_threads <= 1 or len(texts) < 2 or sum(map(len, texts)) < (1 << 16):
+            return [self.encode(t) for t in texts]
+        size = -(-len(texts) // (4 * num_threads))
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        with ThreadPoolExecutor(max_workers=num_threads) as pool:
+            parts = pool.map(lambda chunk: [self.encode(t) for t in chunk], chunks)
+            return [ids for part in parts for ids in part]
 
     # -- decoding ----------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int] | Any) -> bytes:
@@ -619,7 +648,10 @@ class Tokenizer:
         if not ids:
             return b""
         table = self._core.id_to_bytes
-        lo, hi = min(ids), max(ids)
+        try:
+            lo, hi = min(ids), max(ids)
+        except TypeError:
+            raise TypeError(f"token ids must be integers, got {ids[:8]!r}...") from None
         if lo < 0 or hi >= len(table):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for vocabulary size {len(table)}")

@@ -339,25 +339,21 @@ def evaluate(
     return (total[0] / total[1]).item()
 
 
-@torch.no_grad()
 def sample(model: GPT2, tokenizer: Tokenizer, prompt: str, n_tokens: int, seed: int, top_k: int = 40) -> str:
-    """A short top-k sample from ``prompt``, to watch what the model has learned.
+    """A short top-k sample from ``prompt`` (``model.generate``), to watch what the model has learned.
 
     Its own generator: sampling leaves the training run's random stream untouched.
     """
     was_training = model.training
     model.eval()
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
+    n_positions = model.config.n_positions
+    ids = (tokenizer.encode(prompt) or [tokenizer.eos_token_id])[-(n_positions - 1) :]
     x = torch.tensor([ids], device=model.device)
     g = torch.Generator(device=model.device).manual_seed(seed)
-    for _ in range(n_tokens):
-        logits = model(x[:, -model.config.n_positions :])[0, -1]  # (V,)
-        top = torch.topk(logits, min(top_k, logits.shape[-1]))
-        probs = F.softmax(top.values, dim=-1)
-        nxt = top.indices[torch.multinomial(probs, 1, generator=g)]
-        x = torch.cat([x, nxt[None]], dim=1)
+    out = model.generate(x, max_new_tokens=min(n_tokens, n_positions - len(ids)), do_sample=True, top_k=top_k,
+                         generator=g)
     model.train(was_training)
-    return tokenizer.decode(x[0, len(ids) :].tolist())
+    return tokenizer.decode(out[0, len(ids) :].tolist())
 
 
 # ========================================================================= the loop
