@@ -13,6 +13,7 @@ from .internals import ActivationCache, LogitLens, ScoreResult, logit_lens, scor
 from .loading import get_device
 from .model import GPT2
 from .tokenizer import Tokenizer
+from .training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "get_device", "__version__",
     "ActivationCache", "LogitLens", "ScoreResult", "logit_lens", "score",
     "StreamStep", "generate", "stream",
+    "TrainConfig", "TrainResult", "train",
 ]

@@ -1,0 +1,81 @@
+"""``minigpt2 train``: a thin layer over ``minigpt2.training.TrainConfig`` and ``train``.
+
+    minigpt2 train --data input.txt --model gpt2 --out runs/ft --steps 500
+    minigpt2 train --data corpus/ --config tiny.json --out runs/scratch --plot loss.png
+    torchrun --nproc_per_node 4 -m minigpt2 train --data corpus/ --config tiny.json --out runs/ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from ..training import TrainConfig, train
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train from scratch or fine-tune on text files",
+        description="Train GPT-2 from scratch (--config) or fine-tune a checkpoint (--model) on a text "
+        "file or a folder of .txt files. --out becomes a model directory that every command and "
+        "transformers load, plus the training state (for --resume) and log.jsonl.",
+    )
+    p.add_argument("--data", required=True, metavar="PATH", help="a .txt file or a folder of .txt files")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="NAME_OR_PATH", help="fine-tune this checkpoint (Hub id or directory)")
+    source.add_argument("--config", metavar="CONFIG.json",
+                        help="train from scratch with this config.json (absent keys take GPT-2's defaults)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new, empty, or a run to --resume)")
+
+    def opt(flag: str, type_: Any, help_: str, metavar: str | None = None) -> None:
+        name = flag.lstrip("-").replace("-", "_")
+        default = _DEFAULTS[name]
+        if default is not None and "default:" not in help_:
+            help_ += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
+        p.add_argument(flag, type=type_, default=default, metavar=metavar, help=help_)
+
+    opt("--steps", int, "optimizer steps to train to", "N")
+    opt("--batch-size", int, "rows per micro-batch, over all processes", "B")
+    opt("--block-size", int, "tokens per row (context length)", "T")
+    opt("--grad-accum", int, "micro-batches per optimizer step", "A")
+    opt("--lr", float, "peak learning rate", "LR")
+    opt("--min-lr-ratio", float, "cosine decays to this fraction of --lr", "R")
+    opt("--warmup", int, "linear warmup steps", "W")
+    opt("--decay-steps", int, "length of warmup + cosine (default: --steps)", "N")
+    opt("--weight-decay", float, "AdamW weight decay on matrices", "WD")
+    opt("--grad-clip", float, "clip the gradient norm to this (0: off)", "C")
+    opt("--val-fraction", float, "fraction of the tokens held out for validation", "F")
+    opt("--eval-every", int, "validation loss and a sample every E steps (0: at the end only)", "E")
+    opt("--eval-batches", int, "batches per validation measurement", "N")
+    opt("--save-every", int, "checkpoint every S steps (0: at the end only)", "S")
+    opt("--sample-prompt", str, "prompt of the samples printed at each evaluation", "TEXT")
+    opt("--sample-tokens", int, "tokens per sample (0: no samples)", "N")
+    opt("--seed", int, "random seed", "S")
+    opt("--dropout", float, "override the config's dropout probabilities (default: the config's)", "P")
+    opt("--cache-dir", str, "where tokenized data is cached (default: ~/.cache/minigpt2/tokens)", "DIR")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="autocast precision; weights and optimizer state stay fp32 (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="draw train / val loss curves into this file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        loss = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no step run"
+        status = "interrupted at" if result.interrupted else "trained to"
+        print(f"{status} step {result.step}: {loss}{val}; model saved in {result.out}", file=sys.stdout)
+    return 0
