@@ -310,9 +310,15 @@ def training_rows(bench: Bench) -> None:
     spec = importlib.util.spec_from_file_location("bench_training", path)
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    row = mod.training_row(quick=bench.args.quick)
-    bench.rows.append(row)
-    _print_row(row)
+    size = {"gpt2": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}.get(bench.args.size)
+    if size is None:  # the tiny smoke shape has no preset: skip, training has its own tests
+        return
+    kw = dict(batch=1, block=32, steps=1) if bench.args.quick else dict(steps=3)
+    for precision in ("fp32", "bf16"):
+        r = mod.training_row(size=size, precision=precision, device="cpu", **kw)
+        bench.extra[f"training_{precision}"] = r
+        bench.add(f"training step {precision}, batch {r['batch']} x {r['block']} (tokens/s)", r["minigpt2_tok_s"],
+                  r["transformers_tok_s"], "tok/s")
 
 
 # --------------------------------------------------------------------------- output
