@@ -64,8 +64,10 @@ def ban_repeated_ngrams(ids: torch.Tensor, scores: torch.Tensor, n: int) -> torc
 
 def ban_eos(scores: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
     """min_new_tokens: EOS gets probability 0 (score -inf) until enough tokens are made."""
-    is_eos = torch.isin(torch.arange(scores.shape[-1], device=scores.device), eos_ids)
-    return scores.masked_fill(is_eos, NEG_INF)
+    # Index the EOS columns directly: building an isin mask over the whole vocabulary
+    # costs a 50257-wide arange every step.
+    eos_ids = eos_ids[(eos_ids >= 0) & (eos_ids < scores.shape[-1])]
+    return scores.index_fill(-1, eos_ids, NEG_INF)
 
 
 def temperature(scores: torch.Tensor, t: float) -> torch.Tensor:
