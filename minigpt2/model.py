@@ -506,10 +506,11 @@ def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int, devic
             return None
         return causal_mask(T, S, device)[None, None]  # (1, 1, T, S)
     mask = causal_mask(T, S, device)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
-    # A padding query may have no visible key at all (left padding, first position); let
-    # every query see itself so softmax never divides by zero (those outputs are unused).
+    # A padding query may have no visible key at all (left padding, first positions); let
+    # such a query see itself so softmax never divides by zero (its output is unused). Rows
+    # with a visible key keep exactly the causal & padding mask, as transformers builds it.
     itself = torch.arange(S, device=device)[None, :] == torch.arange(past, S, device=device)[:, None]
-    return mask | itself  # (B, 1, T, S)
+    return mask | (itself & ~mask.any(dim=-1, keepdim=True))  # (B, 1, T, S)
 
 
 def default_position_ids(
