@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -148,6 +150,32 @@ def _shards(index_file: Path) -> list[str]:
     return files
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Cheap check that the Hub endpoint accepts TCP connections.
+
+    ``huggingface_hub`` retries failed connections with back-off (about 25 s
+    and a page of warnings when offline); one short connect avoids that.
+    With a proxy configured the check is skipped (the proxy decides).
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_checkpoint(repo_id: str, revision: str | None) -> tuple[Path, list[Path]]:
     try:
         from huggingface_hub import hf_hub_download
@@ -155,9 +183,14 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> tuple[Path, list[Path
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise ValueError(f"{repo_id!r} is not a local directory and huggingface_hub is not installed") from None
 
+    # Without a quick answer from the Hub, read the local cache only: a cached checkpoint
+    # still loads, and an uncached one fails at once instead of after minutes of retries.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local_only = offline or not hub_reachable()
+
     def fetch(filename: str) -> Path:
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
         except EntryNotFoundError:  # the repo lacks the file, or (Local...) it is not cached
             raise
         except Exception as e:  # network errors, 401/404, bad repo id, ...

@@ -29,16 +29,16 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import tiktoken
+
+from .loading import hub_reachable
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "DEFAULT_EOS_TOKEN"]
 
@@ -378,32 +378,6 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Cheap check that the Hub endpoint accepts TCP connections.
-
-    ``huggingface_hub`` retries failed connections with back-off (about 25 s
-    and a page of warnings when offline); one short connect avoids that.
-    With a proxy configured the check is skipped (the proxy decides).
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlsplit(endpoint)
-    if not url.hostname:
-        return False
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _hub_download(repo_id: str) -> Path | None:
     """Directory holding ``repo_id``'s vocab.json + merges.txt, or None.
 
@@ -418,7 +392,7 @@ def _hub_download(repo_id: str) -> Path | None:
         return None
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     for local_only in (True, False):
-        if not local_only and (offline or not _hub_reachable()):
+        if not local_only and (offline or not hub_reachable()):
             break
         try:
             vocab = hf_hub_download(

@@ -160,3 +160,15 @@ def test_stop_string_from_the_cli(ckpt: tuple[Path, Any], capsys: pytest.Capture
     assert main(["generate", PROMPT, "--model", str(d), "--max-new-tokens", "12", "--seed", "3", "--stop", stop]) == 0
     stopped = capsys.readouterr().out.rstrip("\n")
     assert stop in stopped[len(PROMPT) :] and full.startswith(stopped) and len(stopped) < len(full)
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
+    # HF_HUB_OFFLINE unset, the endpoint a closed loopback port: the loader must notice the
+    # Hub is unreachable and answer from the (empty) cache at once, in one line, instead of
+    # huggingface_hub's retry loop (about 25 s and a page of warnings).
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=str(REPO_ROOT), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    r = subprocess.run([sys.executable, "-m", "minigpt2", "generate", "hi", "--model", "someone/no-such-gpt2",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "someone/no-such-gpt2")
