@@ -95,13 +95,22 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 # ------------------------------------------------------------------ where the files are
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """True if ``name`` is meant as a filesystem path rather than a Hub repo id (a repo id
+    is ``name`` or ``owner/name``); the model and tokenizer loaders decide alike."""
     return (
-        name.startswith(("/", "./", "../", "~", "\\"))
-        or os.path.exists(name)
+        os.path.exists(name)
+        or name.startswith(("/", "./", "../", "~", "\\", ".\\", "..\\"))
+        or os.path.isabs(name)
+        or name in (".", "..")
         or name.count("/") > 1
         or (os.sep != "/" and os.sep in name)
     )
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for the local cache only (huggingface_hub's spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | None = None) -> tuple[Path, list[Path]]:
@@ -117,7 +126,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | Non
         return _local_checkpoint(path)
     if path.exists():  # e.g. the path of model.safetensors itself
         raise ValueError(f"{name} is a file, not a checkpoint directory: pass the directory that holds {CONFIG}")
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise FileNotFoundError(f"checkpoint directory not found: {name}")
     return _hub_checkpoint(name, revision)
 
@@ -185,8 +194,7 @@ def _hub_checkpoint(repo_id: str, revision: str | None) -> tuple[Path, list[Path
 
     # Without a quick answer from the Hub, read the local cache only: a cached checkpoint
     # still loads, and an uncached one fails at once instead of after minutes of retries.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    local_only = offline or not hub_reachable()
+    local_only = hub_offline() or not hub_reachable()
 
     def fetch(filename: str) -> Path:
         try:
@@ -229,7 +237,7 @@ def _hub_error(repo_id: str, e: Exception) -> ValueError:
     if isinstance(e, LocalEntryNotFoundError):
         reason = (
             "it is not in the local Hugging Face cache and the Hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else "")
+            + (" (HF_HUB_OFFLINE is set)" if hub_offline() else "")
             + "; download it once while online, or pass a local directory"
         )
     else:

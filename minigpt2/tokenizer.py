@@ -38,7 +38,7 @@ from typing import Any
 
 import tiktoken
 
-from .loading import hub_reachable
+from .loading import hub_offline, hub_reachable, looks_like_path
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "DEFAULT_EOS_TOKEN"]
 
@@ -368,16 +368,6 @@ def _read_directory_extras(directory: Path) -> tuple[dict[str, int], str | None]
     return added, eos
 
 
-def _looks_like_path(name: str) -> bool:
-    """True if ``name`` is meant as a filesystem path rather than a Hub repo id."""
-    return (
-        os.path.exists(name)
-        or name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
-        or os.path.isabs(name)
-        or name in (".", "..")
-    )
-
-
 def _hub_download(repo_id: str) -> Path | None:
     """Directory holding ``repo_id``'s vocab.json + merges.txt, or None.
 
@@ -390,7 +380,7 @@ def _hub_download(repo_id: str) -> Path | None:
         from huggingface_hub import hf_hub_download
     except Exception:  # pragma: no cover - huggingface_hub is a transformers dependency
         return None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     for local_only in (True, False):
         if not local_only and (offline or not hub_reachable()):
             break
@@ -512,7 +502,7 @@ class Tokenizer:
             logger.info("%s has no %s/%s; using the packaged GPT-2 tokenizer",
                         name, _VOCAB_NAME, _MERGES_NAME)  # fmt: skip
             return cls()
-        if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
+        if isinstance(name_or_path, os.PathLike) or looks_like_path(name):
             raise FileNotFoundError(f"tokenizer directory not found: {name!r}")
         if name in _GPT2_REPO_IDS:  # the packaged files are exactly these repos' files
             return cls()
