@@ -16,6 +16,10 @@ class KVCache:
 
     ``length`` is how many positions are filled. The model's forward writes the new
     positions of each layer with :meth:`update` and then calls :meth:`advance` once.
+
+    Both live in one buffer ``kv`` [n_layer, 2, batch, n_head, max_len, head_dim]
+    (``k = kv[:, 0]``, ``v = kv[:, 1]``), so that the decoding fast path (fast.py) can store
+    a step's keys and values, straight from the fused q|k|v projection, with one copy.
     """
 
     def __init__(
@@ -33,9 +37,13 @@ class KVCache:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if max_len <= 0:
             raise ValueError(f"max_len={max_len} must be positive")
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros(n_layer, 2, batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # (n_layer, B, nh, max_len, hs) views
+        # Per-layer views, made once (indexing costs more than the copy at batch 1):
+        self._k, self._v = list(self.k.unbind(0)), list(self.v.unbind(0))  # (B, nh, max_len, hs)
+        # The same memory seen as (B, max_len, 2, nh, hs): the layout of the k|v part of a
+        # fused projection's output (B, T, 3, nh, hs)[:, :, 1:].
+        self._kv_rows = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv.unbind(0)]
         self.length = 0
 
     @property
@@ -48,10 +56,17 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, nh, T, hs) for ``layer``; return all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+        start, T = self.length, k.shape[2]
+        self._k[layer].narrow(2, start, T).copy_(k)
+        self._v[layer].narrow(2, start, T).copy_(v)
+        return self._k[layer].narrow(2, 0, start + T), self._v[layer].narrow(2, 0, start + T)  # (B, nh, S, hs)
+
+    def update_fused(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`update` for kv (B, T, 2, nh, hs), the k and v of a fused q|k|v output
+        viewed as (B, T, 3, nh, hs)[:, :, 1:]: one strided copy instead of a copy each."""
+        start, T = self.length, kv.shape[1]
+        self._kv_rows[layer].narrow(1, start, T).copy_(kv)
+        return self._k[layer].narrow(2, 0, start + T), self._v[layer].narrow(2, 0, start + T)
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as filled (called once per forward, after every layer)."""
@@ -59,8 +74,7 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` of the batch (beam search moves cache rows with their beams)."""
-        self.k.copy_(self.k.index_select(1, index))
-        self.v.copy_(self.v.index_select(1, index))
+        self.kv.copy_(self.kv.index_select(2, index))
 
     def reset(self) -> None:
         """Forget every position (the memory is kept for the next sequence)."""

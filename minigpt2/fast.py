@@ -1,38 +1,44 @@
-"""Inference fast paths: the host's fastest matrix kernel for every weight while decoding.
+"""The decoding fast path: GPT-2's forward, flattened, on the host's fastest matrix kernels.
 
-The model file stays plain: each Conv1D has a ``kernel`` slot that is None. Generation
-enters :func:`fast_path` around its model calls; inside, every Conv1D's slot holds a
-:class:`~minigpt2.kernels.PreparedLinear` for the kernel chosen for this host (see
-kernels.py) and the returned ``unembed`` does the same for the tied [V, C] unembedding.
+Generation spends a token's time streaming every weight matrix once (see kernels.py) and,
+in eager PyTorch, a few more milliseconds on everything around those 49 products: module
+calls, small tensor ops, views, and their bookkeeping, whose data the streamed weights
+have just pushed out of the CPU caches. :class:`Decoder` is the model's forward for
+generation with that overhead taken out, and nothing else changed:
 
-Rules (CONVENTIONS.md, "Fast paths"):
-- prepared weights are not parameters or buffers (``state_dict`` is untouched); they live
-  in a table keyed weakly by the model, built lazily under ``no_grad``;
-- they are rebuilt when a weight changes: each is keyed on its source tensors'
-  ``_version`` and ``data_ptr()`` (in-place edits, optimizer steps, ``load_state_dict``,
-  ``.to()``), checked every time the fast path is entered;
-- they are used only with autograd off, in eval mode, and with no hooks installed; anything
-  else (training, gradients, ``hooks`` / ``run_with_cache``) takes the plain path.
+- each weight matrix goes through the kernel chosen for this host (kernels.py), prepared
+  once and kept in a table keyed weakly by the model (not a parameter or buffer);
+- the same operations in the same order as model.py (and so as transformers), on the
+  same tensors, so fp32 results are bit-identical to the plain path: no module calls, the
+  hidden state kept as one (B*T, C) matrix, one copy of k and v into the cache straight
+  from the fused q|k|v output (KVCache.update_fused), GPT-2's GELU computed in place, and
+  ln_f and the unembedding on the last position only.
+
+Rules (CONVENTIONS.md, "Fast paths"): it runs only with autograd off, in eval mode, on
+CPU, and with no hooks of any kind on the model (minigpt2's ``hooks`` or torch's forward
+hooks on any module it would bypass); anything else takes the plain path. Prepared
+weights are rebuilt when a source weight changes: they are keyed on each tensor's
+``_version`` and ``data_ptr()`` (in-place edits, optimizer steps, ``load_state_dict``,
+``.to()``, ``.data =``), checked before every step.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import weakref
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch.nn.modules import module as _module_hooks
 
 from . import kernels
 from .kernels import PreparedLinear
 
 if TYPE_CHECKING:
+    from .cache import KVCache
     from .model import GPT2, Conv1D
-
-Unembed = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -55,37 +61,58 @@ class _Prepared:
 _prepared: weakref.WeakKeyDictionary[GPT2, _Prepared] = weakref.WeakKeyDictionary()
 
 
-# The model's Conv1D layers and hookable modules, found once (walking the module tree at
-# every decoding step would cost more than the rest of this file's bookkeeping).
-_structure: weakref.WeakKeyDictionary[GPT2, tuple[list[Conv1D], list[torch.nn.Module]]] = weakref.WeakKeyDictionary()
-
-
-def _modules(model: GPT2) -> tuple[list[Conv1D], list[torch.nn.Module]]:
-    if model not in _structure:
-        from .model import Conv1D
-
-        convs = [m for m in model.transformer.h.modules() if isinstance(m, Conv1D)]
-        tapped = [m for m in model.modules() if hasattr(m, "taps")]
-        _structure[model] = (convs, tapped)
-    return _structure[model]
-
-
 def conv1ds(model: GPT2) -> list[Conv1D]:
     """Every Conv1D of the model, in forward order (4 per block)."""
-    return _modules(model)[0]
+    from .model import Conv1D
+
+    return [m for m in model.transformer.h.modules() if isinstance(m, Conv1D)]
+
+
+def _has_hooks(modules: list[torch.nn.Module], tapped: list[torch.nn.Module]) -> bool:
+    """torch forward hooks, global or on any of ``modules``, or minigpt2 hooks (``taps``)."""
+    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+        return True
+    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
+        return True
+    return any(m.taps is not None for m in tapped)
+
+
+def _tapped(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    from .model import _Tapped
+
+    return [m for m in modules if isinstance(m, _Tapped)]
 
 
 def usable(model: GPT2) -> bool:
-    """Whether the fast path may run now: autograd off, eval mode, no hooks installed (neither
-    minigpt2's ``hooks`` nor torch forward hooks on the modules it would bypass)."""
-    if torch.is_grad_enabled() or model.training:
+    """Whether the fast path may run now: autograd off, eval mode, CPU, GPT-2's own modules
+    (nothing swapped in), and no hooks of any kind on the model."""
+    if torch.is_grad_enabled() or model.training or model.device.type != "cpu":
         return False
-    convs, tapped = _modules(model)
-    if any(m.taps is not None for m in tapped):
+    modules = list(model.modules())
+    return _standard(model) and not _has_hooks(modules, _tapped(modules))
+
+
+def _standard(model: GPT2) -> bool:
+    """The Decoder reproduces these module types only; a model with a module swapped in
+    (a custom norm or activation, a wrapped block) takes the plain path."""
+    from .model import ACTIVATIONS, Conv1D, GPT2Attention, GPT2Block, GPT2MLP
+
+    t = model.transformer
+    if type(t.ln_f) is not torch.nn.LayerNorm or type(t.wte) is not torch.nn.Embedding:
         return False
-    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+    if model.lm_head.weight is not t.wte.weight:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in (model.lm_head, *convs))
+    for b in t.h:
+        if type(b) is not GPT2Block or type(b.attn) is not GPT2Attention or type(b.mlp) is not GPT2MLP:
+            return False
+        if type(b.ln_1) is not torch.nn.LayerNorm or type(b.ln_2) is not torch.nn.LayerNorm:
+            return False
+        if type(b.mlp.act) not in ACTIVATIONS.values():
+            return False
+        convs = (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+        if any(type(c) is not Conv1D for c in convs):
+            return False
+    return True
 
 
 def _sources(model: GPT2) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
@@ -118,11 +145,12 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
     """
     E = model.lm_head.weight
     bucket = kernels.batch_bucket(batch_size)
-    keys = [kernels.source_key(c.weight, c.bias) for c in conv1ds(model)] + [kernels.source_key(E, None)]
+    convs = conv1ds(model)
+    keys = [kernels.source_key(c.weight, c.bias) for c in convs] + [kernels.source_key(E, None)]
     forced = kernels.forced()
     p = _prepared.get(model)
     if p is not None and p.keys == keys and p.batch == bucket and p.forced == forced:
-        return p  # the common case: every decoding step after the first
+        return p  # the common case: every generate after the first
     c = model.config
     blocks = _sources(model)[0]
     with torch.no_grad():
@@ -170,32 +198,112 @@ def kernel_names(model: GPT2) -> dict[str, str]:
     return {} if p is None else {"blocks": p.block_kernel, "unembed": p.unembed_kernel}
 
 
-def plain_unembed(model: GPT2) -> Unembed:
-    return lambda h: model.lm_head(h).float()
+# ------------------------------------------------------------------ GPT-2's GELU, in place
+# The constants as 0-dim float32 tensors: multiplying by a Python float goes through a
+# wrapped-number path that costs more than the multiplication of a 3072-vector; the value
+# used (the float32 of the constant, as opmath for fp32 and bf16 alike) is the same.
+_HALF, _ONE = torch.tensor(0.5), torch.tensor(1.0)
+_KAPPA, _BETA = torch.tensor(0.044715), torch.tensor(math.sqrt(2.0 / math.pi))
 
 
-@contextlib.contextmanager
-def fast_path(model: GPT2, batch_size: int) -> Iterator[Unembed]:
-    """Inside the block, the model's Conv1D layers use the prepared kernels; yields
-    ``unembed(h) -> float32 logits`` for hidden states h (B, T, C) (pass the last position
-    only while generating). Where the fast path may not run (see :func:`usable`), or on
-    devices without candidates, this is the plain path and nothing is installed."""
-    if not usable(model) or model.device.type != "cpu":
-        yield plain_unembed(model)
-        return
-    p = prepare(model, batch_size)
-    convs = conv1ds(model)
-    previous = [c.kernel for c in convs]
-    install = p.block_kernel != "plain"
-    try:
-        if install:
-            for c, k in zip(convs, p.blocks):
-                c.kernel = k
-        if p.unembed_kernel == "plain":
-            yield plain_unembed(model)
-        else:
-            yield lambda h: p.unembed(h).float()
-    finally:
-        if install:
-            for c, k in zip(convs, previous):
-                c.kernel = k
+def gelu_new_(x: torch.Tensor) -> torch.Tensor:
+    """NewGELUActivation on x, overwriting x (which the caller owns): the same operations as
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in model.py and transformers, in the
+    same order (a + b = b + a exactly), so the same bits, with one allocation instead of 7."""
+    t = torch.pow(x, 3.0)
+    t.mul_(_KAPPA).add_(x).mul_(_BETA).tanh_().add_(_ONE)
+    return x.mul_(_HALF).mul_(t)
+
+
+# ------------------------------------------------------------------------ the decoder
+class Decoder:
+    """GPT-2's forward for generation: token ids in, fp32 logits of the last position out.
+
+    Built by :func:`decoder` once per ``generate`` call; :meth:`ready` is checked before every
+    step (hooks installed meanwhile, a weight edited), so the plain path takes over whenever
+    the fast one may not run. The inputs are generation's, already checked: ids [B, T] in
+    the vocabulary, positions [B or 1, T], the 0/1 mask [B, past + T] or None, the cache.
+    """
+
+    def __init__(self, model: GPT2, p: _Prepared) -> None:
+        from .model import NewGELUActivation
+
+        self.model, self.p = model, p
+        c, t = model.config, model.transformer
+        self.C, self.nh, self.hs = c.n_embd, c.n_head, c.head_dim
+        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, t.ln_f
+        self.layers = []
+        for i, b in enumerate(t.h):
+            act = b.mlp.act
+            self.layers.append((
+                b.ln_1, b.attn._sdpa, p.blocks[4 * i].mm, p.blocks[4 * i + 1].mm,
+                b.ln_2, p.blocks[4 * i + 2].mm, gelu_new_ if type(act) is NewGELUActivation else act.forward,
+                p.blocks[4 * i + 3].mm,
+            ))  # fmt: skip
+        self.unembed = p.unembed.mm
+        self._modules = list(model.modules())  # for the hook check before every step
+        self._tapped = _tapped(self._modules)
+        self._weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
+        self._keys = self._weight_keys()
+
+    def _weight_keys(self) -> list[tuple[int, int]]:
+        # Inference tensors have no version counter (and cannot be edited outside inference mode).
+        return [(-1 if w.is_inference() else w._version, w.data_ptr()) for w in self._weights]
+
+    def ready(self) -> bool:
+        """Whether this step may take the fast path (rebuilding prepared weights if one changed)."""
+        if torch.is_grad_enabled() or self.model.training or _has_hooks(self._modules, self._tapped):
+            return False
+        if self._weight_keys() != self._keys:
+            fresh = Decoder(self.model, prepare(self.model, self.p.batch))
+            self.__dict__.update(fresh.__dict__)
+        return True
+
+    def hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Final hidden states after ln_f: (B, C) of the last position, or (B, T, C)."""
+        from .model import attention_bias
+
+        B, T = ids.shape
+        C, nh, hs = self.C, self.nh, self.hs
+        past = 0 if cache is None else cache.length
+        bias = attention_bias(mask, T, past, ids.device)
+        # As model.py: token + position embeddings; the residual stream as (B*T, C) rows.
+        x = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(B * T, C)
+        for i, (ln_1, sdpa, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj) in enumerate(self.layers):
+            qkv = c_attn(F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)).view(B, T, 3, nh, hs)
+            if cache is not None:
+                k, v = cache.update_fused(i, qkv[:, :, 1:])  # (B, nh, S, hs): past + new
+            else:
+                k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+            y = sdpa(qkv[:, :, 0].transpose(1, 2), k, v, bias)  # (B, nh, T, hs)
+            x = x + attn_proj(y.transpose(1, 2).reshape(B * T, C))
+            x = x + mlp_proj(act(c_fc(F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps))))
+        if cache is not None:
+            cache.advance(T)
+        x = x.view(B, T, C)[:, -1] if last_only else x.view(B, T, C)
+        return F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)  # per row: same bits
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits for hidden states h (..., C): the tied unembedding on the host's kernel."""
+        return self.unembed(h.reshape(-1, self.C)).view(*h.shape[:-1], -1).float()
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """fp32 logits of the last position [B, V]; the cache (if any) is appended to."""
+        return self.unembed(self.hidden(ids, positions, mask, cache)).float()
+
+
+def decoder(model: GPT2, batch_size: int) -> Decoder | None:
+    """The fast path for generating ``batch_size`` rows, or None where it may not run
+    (see :func:`usable`): then the caller runs the plain model."""
+    if not usable(model):
+        return None
+    return Decoder(model, prepare(model, batch_size))

@@ -12,7 +12,7 @@ timed or swapped alone.
 
 Every model call goes through ``_forward_last``: the transformer on the new tokens, then
 the unembedding of the last position only (the whole [B, T, V] logits of a long prompt
-are never built). That function is also where the fast kernels (fast.py) come in.
+are never built). That function is also where the fast path (fast.py) comes in.
 
 The arguments, defaults and results are those of transformers' ``generate`` (v5): the
 logits processors run in its order (sampling.py), a token is drawn with softmax +
@@ -57,29 +57,36 @@ def _forward_last(
     positions: torch.Tensor,
     mask: torch.Tensor | None,
     cache: Any,
+    dec: fast.Decoder | None = None,
 ) -> torch.Tensor:
     """The one place generation runs the model: fp32 logits of the last position [B, V].
 
     ids, positions: [B, T] (positions [1, T] when every row has the same ones); mask:
     [B, past + T] with 0 at padding, or None when there is none; the cache is appended to.
-    The weight matrices go through the host's fastest kernel (fast.py), unless gradients,
-    hooks or training mode call for the plain path.
+    ``dec`` is the fast path (fast.py: the same arithmetic with the host's fastest matrix
+    kernels and less overhead per token); it steps aside for the plain model whenever
+    gradients, hooks or training mode call for it.
     """
-    with fast.fast_path(model, ids.shape[0]) as unembed:
-        h = model.transformer(ids, mask, positions, cache)  # (B, T, C)
-        return unembed(h[:, -1])  # (B, V): only the last position is unembedded
+    if dec is not None and dec.ready():
+        return dec(ids, positions, mask, cache)
+    h = model.transformer(ids, mask, positions, cache)  # (B, T, C)
+    return model.lm_head(h[:, -1]).float()  # (B, V): only the last position is unembedded
 
 
-def prefill(model: GPT2, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
+def prefill(
+    model: GPT2, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+    dec: fast.Decoder | None = None,
+) -> torch.Tensor:
     """Run the whole prompt once, filling the cache; logits for the first new token [B, V]."""
-    return _forward_last(model, ids, positions, mask, cache)
+    return _forward_last(model, ids, positions, mask, cache, dec)
 
 
 def decode_one_token(
-    model: GPT2, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache: Any
+    model: GPT2, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+    dec: fast.Decoder | None = None,
 ) -> torch.Tensor:
     """One new token per row ([B, 1]) at ``position`` ([B, 1]) against the cache; logits [B, V]."""
-    return _forward_last(model, token, position, mask, cache)
+    return _forward_last(model, token, position, mask, cache, dec)
 
 
 # --------------------------------------------------------------------------- settings
@@ -331,7 +338,8 @@ def decode_n_tokens(
         next_pos = (mask.sum(1) if mask is not None else torch.full((B,), T, device=dev))[:, None]  # (B, 1)
         unfinished = torch.ones(B, dtype=torch.bool, device=dev)
         cache = model.make_cache(B, L)
-        logits = prefill(model, ids, _prompt_positions(mask, T, dev), mask, cache)
+        dec = fast.decoder(model, B)
+        logits = prefill(model, ids, _prompt_positions(mask, T, dev), mask, cache, dec)
     rows = None  # with stop strings: each row's real token ids so far, on the CPU
     if stop is not None:
         rows = ids.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
@@ -357,7 +365,7 @@ def decode_n_tokens(
             return
         with torch.inference_mode():
             m = None if full_mask is None else full_mask[:, : cur + 1]
-            logits = decode_one_token(model, token[:, None], next_pos + step, m, cache)
+            logits = decode_one_token(model, token[:, None], next_pos + step, m, cache, dec)
 
 
 # --------------------------------------------------------------------------- beam search
@@ -410,13 +418,14 @@ def beam_search(
     batch_offset = torch.arange(B, device=dev)[:, None] * nb  # (B, 1)
 
     cache = model.make_cache(B * nb, L)
-    logits = prefill(model, flat_ids, _prompt_positions(mask, T, dev), mask, cache)
+    dec = fast.decoder(model, B * nb)
+    logits = prefill(model, flat_ids, _prompt_positions(mask, T, dev), mask, cache, dec)
     for step in range(s.max_new_tokens):
         cur = T + step
         if step > 0:
             m = None if full_mask is None else full_mask[:, : cur]
             last = running[:, :, cur - 1].reshape(B * nb, 1)
-            logits = decode_one_token(model, last, next_pos + step - 1, m, cache)
+            logits = decode_one_token(model, last, next_pos + step - 1, m, cache, dec)
         logprobs = torch.log_softmax(logits, dim=-1)
         logprobs = sampling.process(
             p, running[:, :, :cur].reshape(B * nb, cur), logprobs, n_new=step, eos_ids=eos, prompt_start=prompt_start

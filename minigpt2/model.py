@@ -47,13 +47,7 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(nx, nf))
         self.bias = nn.Parameter(torch.zeros(nf))
 
-    #: While decoding, ``minigpt2.fast`` may install a faster kernel for the same product
-    #: (see kernels.py); it is None otherwise, and never used when gradients are on.
-    kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and not torch.is_grad_enabled():
-            return self.kernel(x)
         out = torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight)  # (B*T, nf)
         return out.view(*x.shape[:-1], self.nf)
 

@@ -1,9 +1,11 @@
-"""The inference fast paths (kernels.py, fast.py) against transformers.
+"""The inference fast path (kernels.py, fast.py) against the plain model and transformers.
 
-Every candidate kernel is forced in turn, whatever the host would choose, and must keep
-fp32 logits within the parity tolerance and generation token-identical to transformers.
-Then: the fallbacks (feature check off, gradients on, hooks, training mode), the rebuild
-when a weight changes, the per-host choice and its on-disk cache, and a smoke run of
+The Decoder (fast.py) must give the plain path's fp32 results bit for bit when it uses the
+plain kernel, for every config option, with and without cache and padding. Every candidate
+kernel is forced in turn, whatever the host would choose, and must keep fp32 logits within
+the parity tolerance and generation token-identical to transformers. Then: the fallbacks
+(feature check off, gradients on, hooks, training mode, swapped modules), the rebuild when
+a weight changes, the per-host choice and its on-disk cache, and a smoke run of
 scripts/bench.py. Tiny configs only; no timing assertions.
 """
 
@@ -48,9 +50,18 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max().item() <= tol
 
 
+def _decoder(model: GPT2, B: int) -> fast.Decoder:
+    dec = fast.decoder(model, B)
+    assert dec is not None and dec.ready()
+    return dec
+
+
 def _fast_logits(model: GPT2, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad(), fast.fast_path(model, ids.shape[0]) as unembed:
-        return unembed(model.transformer(ids))  # (B, T, V)
+    """(B, T, V) logits of every position through the Decoder, no cache."""
+    with torch.no_grad():
+        dec = _decoder(model, ids.shape[0])
+        positions = torch.arange(ids.shape[1])[None]
+        return dec.logits(dec.hidden(ids, positions, None, None, last_only=False))
 
 
 def _ids(B: int, T: int, seed: int = 0, vocab: int = 1000) -> torch.Tensor:
@@ -71,13 +82,65 @@ def test_logits_parity_each_kernel(pair, kernel: str, B: int) -> None:
     _close(got, want)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_installed_only_inside(pair, kernel: str) -> None:
-    model, _ = pair
-    conv = model.transformer.h[0].attn.c_attn
-    with kernels.force(kernel), torch.no_grad(), fast.fast_path(model, 1):
-        assert (conv.kernel is not None) == (kernel != "plain")
-    assert conv.kernel is None
+CONFIGS = {
+    "default": {},
+    "gelu_pytorch_tanh": dict(activation_function="gelu_pytorch_tanh"),
+    "relu+n_inner": dict(activation_function="relu", n_inner=96),
+    "scaling options": dict(scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False, layer_norm_epsilon=1e-2),
+    "reorder_and_upcast": dict(reorder_and_upcast_attn=True),
+}
+
+
+def _steps(model: GPT2, ids: torch.Tensor, mask: torch.Tensor | None, forward) -> list[torch.Tensor]:
+    """Prefill 5 tokens, then one at a time: the last position's logits after each call."""
+    from minigpt2.generation import _prompt_positions
+
+    B, T = ids.shape
+    cache = model.make_cache(B, T)
+    out = []
+    positions = _prompt_positions(None if mask is None else mask[:, :5], 5, ids.device)
+    out.append(forward(ids[:, :5], positions, None if mask is None else mask[:, :5], cache))
+    for t in range(5, T):
+        m = None if mask is None else mask[:, : t + 1]
+        pos = torch.full((B, 1), t) if mask is None else (mask[:, : t + 1].sum(1, keepdim=True) - 1)
+        out.append(forward(ids[:, t : t + 1], pos, m, cache))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_decoder_is_bit_identical_to_plain_model(make_checkpoint, config: str, padded: bool, dtype) -> None:
+    """With the plain kernel the Decoder does the model's arithmetic exactly: same bits, every step."""
+    directory, _ = make_checkpoint(seed=21, **CONFIGS[config])
+    model = GPT2.from_pretrained(directory, device="cpu", dtype=dtype)
+    ids = _ids(3, 9, seed=4)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        mask[2, :1] = 0
+
+    def plain(i, p, m, cache):
+        return model.lm_head(model.transformer(i, m, p, cache)[:, -1]).float()
+
+    with kernels.force("plain"), torch.inference_mode():
+        dec = _decoder(model, 3)
+        want = _steps(model, ids, mask, plain)
+        got = _steps(model, ids, mask, dec)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_new_in_place_matches_the_formula(dtype) -> None:
+    from minigpt2.model import NewGELUActivation
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1.0, 4.0, 100.0):
+        x = (torch.randn(5, 3072, generator=g) * scale).to(dtype)
+        want = NewGELUActivation()(x)
+        assert torch.equal(fast.gelu_new_(x.clone()), want)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -89,11 +152,10 @@ def test_incremental_decode_with_cache(pair, kernel: str) -> None:
         want = hf(ids).logits[:, -1]
     cache = model.make_cache(2, 12)
     with kernels.force(kernel), torch.inference_mode():
-        with fast.fast_path(model, 2) as unembed:
-            unembed(model.transformer(ids[:, :8], cache=cache)[:, -1])
+        dec = _decoder(model, 2)
+        dec(ids[:, :8], torch.arange(8)[None], None, cache)
         for t in range(8, 12):
-            with fast.fast_path(model, 2) as unembed:
-                got = unembed(model.transformer(ids[:, t : t + 1], cache=cache)[:, -1])
+            got = dec(ids[:, t : t + 1], torch.tensor([[t]]), None, cache)
     _close(got, want)
 
 
@@ -140,12 +202,11 @@ def test_generation_padded_batch_each_kernel(pair, kernel: str) -> None:
 
 @needs_generate
 def test_generation_uses_fast_path_by_default(pair) -> None:
-    """No flag needed: generate prepares the host's kernels itself, and leaves nothing installed."""
+    """No flag needed: generate prepares the host's kernels itself."""
     model, _ = pair
     fast.release(model)
     model.generate(_ids(1, 4), max_new_tokens=2)
     assert set(fast.kernel_names(model)) == {"blocks", "unembed"}
-    assert all(c.kernel is None for c in fast.conv1ds(model))
 
 
 # --------------------------------------------------------------------- fallbacks
@@ -181,39 +242,65 @@ def test_other_devices_and_dtypes_have_plain_only() -> None:
     assert kernels.available("plain", torch.float16, "meta")
 
 
-@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "plain"])
-def test_plain_path_with_grad_hooks_or_training(pair, kernel: str) -> None:
+def test_plain_path_with_grad_hooks_training_or_swapped_modules(pair) -> None:
     model, _ = pair
-    conv = model.transformer.h[0].attn.c_attn
-    with kernels.force(kernel):
-        with fast.fast_path(model, 1):  # gradients on
-            assert conv.kernel is None
-        with torch.no_grad(), model.hooks({"h.0.ln_1": lambda a, n: None}), fast.fast_path(model, 1):
-            assert conv.kernel is None
+    assert fast.decoder(model, 1) is None  # gradients on
+    with torch.no_grad():
+        assert fast.decoder(model, 1) is not None
+        with model.hooks({"h.0.ln_1": lambda a, n: None}):
+            assert fast.decoder(model, 1) is None
+        handle = model.transformer.h[1].ln_2.register_forward_pre_hook(lambda m, i: None)
+        try:
+            assert fast.decoder(model, 1) is None
+        finally:
+            handle.remove()
         model.train()
         try:
-            with torch.no_grad(), fast.fast_path(model, 1):
-                assert conv.kernel is None
+            assert fast.decoder(model, 1) is None
         finally:
             model.eval()
-        with torch.no_grad(), fast.fast_path(model, 1):
-            assert conv.kernel is not None
-            with torch.enable_grad():  # switched on inside: the slot is ignored
-                x = torch.randn(1, 2, conv.nx, requires_grad=True)
-                conv(x).sum().backward()
-                assert x.grad is not None
+        act = model.transformer.h[0].mlp.act
+        model.transformer.h[0].mlp.act = torch.nn.Tanh()  # a module the Decoder does not know
+        try:
+            assert fast.decoder(model, 1) is None
+        finally:
+            model.transformer.h[0].mlp.act = act
+        # Conditions that appear between steps are seen by ready() before the next step.
+        dec = fast.decoder(model, 1)
+        assert dec.ready()
+        with model.hooks({"h.1.mlp.act": lambda a, n: None}):
+            assert not dec.ready()
+        with torch.enable_grad():
+            assert not dec.ready()
+        assert dec.ready()
 
 
+@needs_generate
+def test_hooks_installed_while_streaming_are_honoured(pair) -> None:
+    """A consumer of model.stream may install hooks between tokens: the next step sees them."""
+    model, _ = pair
+    seen: list[str] = []
+    steps = model.stream(None, _ids(1, 4), max_new_tokens=4, min_new_tokens=4)
+    next(steps)
+    with model.hooks({"h.0.mlp.act": lambda a, n: seen.append(n)}):
+        next(steps)
+    assert seen == ["h.0.mlp.act"]
+    next(steps)
+    assert seen == ["h.0.mlp.act"]
+
+
+@needs_generate
 def test_torch_forward_hooks_take_plain_path(pair) -> None:
     model, _ = pair
     seen: list[tuple[int, ...]] = []
     handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     try:
-        with kernels.force(KERNELS[-1]):
-            _fast_logits(model, _ids(1, 3))
+        with kernels.force(KERNELS[-1]), torch.no_grad():
+            assert fast.decoder(model, 1) is None
+        model.generate(_ids(1, 3), max_new_tokens=2, min_new_tokens=2)
     finally:
         handle.remove()
-    assert seen == [(1, 3, 64)]
+    assert seen == [(1, 64), (1, 64)]  # prefill's last position, then one step
 
 
 @needs_generate
@@ -224,6 +311,13 @@ def test_generate_under_hooks_takes_plain_path(pair, monkeypatch: pytest.MonkeyP
     with model.hooks({"h.1.mlp.act": lambda a, n: None}):
         model.generate(_ids(1, 4), max_new_tokens=2)
     assert not seen
+    monkeypatch.undo()
+    handle = model.transformer.wpe.register_forward_hook(lambda m, i, o: seen.append(1))
+    try:
+        model.generate(_ids(1, 4), max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen == [1, 1]  # prefill and one step, both through the module
 
 
 def test_no_trace_in_state_dict_and_model_copies(pair) -> None:
@@ -268,6 +362,23 @@ def test_rebuilt_after_weight_changes(make_checkpoint, kernel: str) -> None:
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
         model.to(torch.float32)
         _close(_fast_logits(model, ids), plain())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_decoder_sees_weight_edits_between_steps(make_checkpoint, kernel: str) -> None:
+    """An edit between two steps (a stream consumer, a callback) rebuilds the prepared copies."""
+    model = GPT2.from_pretrained(make_checkpoint(seed=8)[0], device="cpu")
+    ids = _ids(2, 6)
+    with kernels.force(kernel), torch.no_grad():
+        dec = _decoder(model, 2)
+        before = dec(ids, torch.arange(6)[None], None, None)
+        model.transformer.h[0].mlp.c_proj.weight.mul_(3.0)
+        model.transformer.h[1].attn.c_attn.bias.data = model.transformer.h[1].attn.c_attn.bias.data + 0.5
+        assert dec.ready()
+        got = dec(ids, torch.arange(6)[None], None, None)
+        want = model(ids)[:, -1]
+    assert not torch.allclose(before, want)
+    _close(got, want)
 
 
 # --------------------------------------------------------------------- choosing
