@@ -17,9 +17,11 @@ class KVCache:
     ``length`` is how many positions are filled. The model's forward writes the new
     positions of each layer with :meth:`update` and then calls :meth:`advance` once.
 
-    Both live in one buffer ``kv`` [n_layer, 2, batch, n_head, max_len, head_dim]
-    (``k = kv[:, 0]``, ``v = kv[:, 1]``), so that the decoding fast path (fast.py) can store
-    a step's keys and values, straight from the fused q|k|v projection, with one copy.
+    Both live in one buffer ``kv`` [n_layer, batch, max_len, 2, n_head, head_dim]; ``k`` and
+    ``v`` are strided views of it. Position-major, so that the decoding fast path (fast.py)
+    stores a step's keys and values, straight from the fused q|k|v projection (whose k|v
+    half is [B, T, 2, n_head, head_dim]), with one contiguous copy; attention reads the
+    views with their strides.
     """
 
     def __init__(
@@ -37,13 +39,13 @@ class KVCache:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if max_len <= 0:
             raise ValueError(f"max_len={max_len} must be positive")
-        self.kv = torch.zeros(n_layer, 2, batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # (n_layer, B, nh, max_len, hs) views
-        # Per-layer views, made once (indexing costs more than the copy at batch 1):
-        self._k, self._v = list(self.k.unbind(0)), list(self.v.unbind(0))  # (B, nh, max_len, hs)
-        # The same memory seen as (B, max_len, 2, nh, hs): the layout of the k|v part of a
-        # fused projection's output (B, T, 3, nh, hs)[:, :, 1:].
-        self._kv_rows = [layer.permute(1, 3, 0, 2, 4) for layer in self.kv.unbind(0)]
+        # Uninitialised: attention only ever reads the first ``length`` positions (views are
+        # narrowed to them), and zeroing a long prompt's cache costs a measurable part of its prefill.
+        self.kv = torch.empty(n_layer, batch_size, max_len, 2, n_head, head_dim, device=device, dtype=dtype)
+        self.k = self.kv[:, :, :, 0].transpose(2, 3)  # (n_layer, B, nh, max_len, hs) views
+        self.v = self.kv[:, :, :, 1].transpose(2, 3)
+        # Per-layer views, made once (indexing costs more than the copy at batch 1).
+        self._k, self._v, self._rows = list(self.k.unbind(0)), list(self.v.unbind(0)), list(self.kv.unbind(0))
         self.length = 0
 
     @property
@@ -63,9 +65,9 @@ class KVCache:
 
     def update_fused(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`update` for kv (B, T, 2, nh, hs), the k and v of a fused q|k|v output
-        viewed as (B, T, 3, nh, hs)[:, :, 1:]: one strided copy instead of a copy each."""
+        viewed as (B, T, 3, nh, hs)[:, :, 1:]: one copy (contiguous at B = 1) instead of two."""
         start, T = self.length, kv.shape[1]
-        self._kv_rows[layer].narrow(1, start, T).copy_(kv)
+        self._rows[layer].narrow(1, start, T).copy_(kv)
         return self._k[layer].narrow(2, 0, start + T), self._v[layer].narrow(2, 0, start + T)
 
     def advance(self, n: int) -> None:
@@ -74,7 +76,7 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` of the batch (beam search moves cache rows with their beams)."""
-        self.kv.copy_(self.kv.index_select(2, index))
+        self.kv.copy_(self.kv.index_select(1, index))
 
     def reset(self) -> None:
         """Forget every position (the memory is kept for the next sequence)."""
