@@ -12,7 +12,10 @@ generation with that overhead taken out, and nothing else changed:
   same tensors, so fp32 results are bit-identical to the plain path: no module calls, the
   hidden state kept as one (B*T, C) matrix, one copy of k and v into the cache straight
   from the fused q|k|v output (KVCache.update_fused), GPT-2's GELU computed in place, and
-  ln_f and the unembedding on the last position only.
+  ln_f and the unembedding on the last position only;
+- one deliberate difference, in half precision only: GPT-2's GELU is PyTorch's fused tanh
+  GELU (the same function computed in fp32 and rounded once) instead of 8 bf16-rounded steps,
+  closer to the exact function and 0.4 ms a token faster on the 124M model.
 
 Rules (CONVENTIONS.md, "Fast paths"): it runs only with autograd off, in eval mode, on
 CPU, and with no hooks of any kind on the model (minigpt2's ``hooks`` or torch's forward
@@ -217,6 +220,10 @@ def gelu_new_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(_HALF).mul_(t)
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 # ------------------------------------------------------------------------ the decoder
 class Decoder:
     """GPT-2's forward for generation: token ids in, fp32 logits of the last position out.
@@ -236,11 +243,15 @@ class Decoder:
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, t.ln_f
         self.layers = []
         for i, b in enumerate(t.h):
-            act = b.mlp.act
+            act = b.mlp.act.forward
+            if type(b.mlp.act) is NewGELUActivation:
+                # fp32: the formula in place, bit for bit. Half precision: PyTorch's fused tanh
+                # GELU, the same function computed in fp32 and rounded once, instead of after
+                # each of 8 steps (closer to the exact function, and a third of the time).
+                act = gelu_new_ if model.dtype == torch.float32 else _gelu_tanh
             self.layers.append((
                 b.ln_1, b.attn._sdpa, p.blocks[4 * i].mm, p.blocks[4 * i + 1].mm,
-                b.ln_2, p.blocks[4 * i + 2].mm, gelu_new_ if type(act) is NewGELUActivation else act.forward,
-                p.blocks[4 * i + 3].mm,
+                b.ln_2, p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
             ))  # fmt: skip
         self.unembed = p.unembed.mm
         self._modules = list(model.modules())  # for the hook check before every step
