@@ -254,18 +254,28 @@ class Decoder:
                 b.ln_2, p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
             ))  # fmt: skip
         self.unembed = p.unembed.mm
-        self._modules = list(model.modules())  # for the hook check before every step
-        self._tapped = _tapped(self._modules)
-        self._weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
+        # What ready() looks at before every step, gathered once: every module's hook dicts
+        # (torch mutates them in place), minigpt2's tapped modules, and the weights the
+        # prepared copies were made from (their version counters and addresses).
+        modules = list(model.modules())
+        self._hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self._tapped = _tapped(modules)
+        weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
+        # (Inference tensors have no version counter, and cannot be edited outside inference mode.)
+        self._versioned = [w for w in weights if not w.is_inference()]
+        self._weights = weights
         self._keys = self._weight_keys()
 
-    def _weight_keys(self) -> list[tuple[int, int]]:
-        # Inference tensors have no version counter (and cannot be edited outside inference mode).
-        return [(-1 if w.is_inference() else w._version, w.data_ptr()) for w in self._weights]
+    def _weight_keys(self) -> tuple[list[int], list[int]]:
+        return [w._version for w in self._versioned], [w.data_ptr() for w in self._weights]
 
     def ready(self) -> bool:
         """Whether this step may take the fast path (rebuilding prepared weights if one changed)."""
-        if torch.is_grad_enabled() or self.model.training or _has_hooks(self._modules, self._tapped):
+        if torch.is_grad_enabled() or self.model.training:
+            return False
+        if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks or any(self._hook_dicts):
+            return False
+        if any(m.taps is not None for m in self._tapped):
             return False
         if self._weight_keys() != self._keys:
             fresh = Decoder(self.model, prepare(self.model, self.p.batch))
