@@ -419,6 +419,21 @@ def test_choice_is_measured_once_then_cached(pair, tmp_path: Path, monkeypatch: 
     assert kernels.host_id() in key and torch.__version__ in key and "float32" in key and "batch 1" in key
 
 
+@pytest.mark.parametrize(
+    "times, want",
+    [
+        ({"plain": 1.02, "transposed": 1.0, "mkldnn": 0.995}, "plain"),  # a tie: no copy is worth it
+        ({"plain": 1.2, "transposed": 1.0, "mkldnn": 0.995}, "transposed"),
+        ({"plain": 1.2, "transposed": 1.1, "mkldnn": 1.0}, "mkldnn"),
+    ],
+)
+def test_choice_prefers_the_cheaper_kernel_on_a_tie(pair, monkeypatch: pytest.MonkeyPatch, times, want) -> None:
+    model, _ = pair
+    monkeypatch.setattr(kernels, "available", lambda k, dtype, device="cpu": True)
+    monkeypatch.setattr(kernels, "measure", lambda mats, cands, b, rounds=5: {k: times[k] for k in cands})
+    assert kernels.choose("tie test", fast._sources(model)[0][:4], 1) == want
+
+
 def test_measuring_leaves_the_global_rng_alone(pair) -> None:
     """The first generate measures kernels; seeded sampling must not notice."""
     model, _ = pair
