@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ from .kernels import PreparedLinear
 
 if TYPE_CHECKING:
     from .cache import KVCache
-    from .model import GPT2, Conv1D
+    from .model import GPT2, Conv1D, GPT2Attention
 
 
 @dataclass
@@ -220,6 +221,24 @@ def gelu_new_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(_HALF).mul_(t)
 
 
+def _norm(ln: torch.nn.LayerNorm) -> tuple:
+    """torch.layer_norm's arguments for ``ln`` (what F.layer_norm passes, without its wrapper)."""
+    return (ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _attention(attn: GPT2Attention) -> Callable[..., torch.Tensor]:
+    """GPT2Attention._sdpa in eval mode; without the upcast option, its one SDPA call directly."""
+    if attn.upcast:
+        return attn._sdpa
+    scale = attn.scale
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        is_causal = mask is None and q.shape[2] > 1  # as _sdpa: no mask and one new token sees every key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+    return sdpa
+
+
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -240,7 +259,7 @@ class Decoder:
         self.model, self.p = model, p
         c, t = model.config, model.transformer
         self.C, self.nh, self.hs = c.n_embd, c.n_head, c.head_dim
-        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, t.ln_f
+        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, _norm(t.ln_f)
         self.layers = []
         for i, b in enumerate(t.h):
             act = b.mlp.act.forward
@@ -250,8 +269,8 @@ class Decoder:
                 # each of 8 steps (closer to the exact function, and a third of the time).
                 act = gelu_new_ if model.dtype == torch.float32 else _gelu_tanh
             self.layers.append((
-                b.ln_1, b.attn._sdpa, p.blocks[4 * i].mm, p.blocks[4 * i + 1].mm,
-                b.ln_2, p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
+                _norm(b.ln_1), _attention(b.attn), p.blocks[4 * i].mm, p.blocks[4 * i + 1].mm,
+                _norm(b.ln_2), p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
             ))  # fmt: skip
         self.unembed = p.unembed.mm
         # What ready() looks at before every step, gathered once: every module's hook dicts
@@ -300,18 +319,18 @@ class Decoder:
         # As model.py: token + position embeddings; the residual stream as (B*T, C) rows.
         x = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(B * T, C)
         for i, (ln_1, sdpa, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj) in enumerate(self.layers):
-            qkv = c_attn(F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps)).view(B, T, 3, nh, hs)
+            qkv = c_attn(torch.layer_norm(x, *ln_1)).view(B, T, 3, nh, hs)
             if cache is not None:
                 k, v = cache.update_fused(i, qkv.narrow(2, 1, 2))  # (B, nh, S, hs): past + new
             else:
                 k, v = qkv.select(2, 1).transpose(1, 2), qkv.select(2, 2).transpose(1, 2)
             y = sdpa(qkv.select(2, 0).transpose(1, 2), k, v, bias)  # (B, nh, T, hs)
             x = x + attn_proj(y.transpose(1, 2).reshape(B * T, C))
-            x = x + mlp_proj(act(c_fc(F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps))))
+            x = x + mlp_proj(act(c_fc(torch.layer_norm(x, *ln_2))))
         if cache is not None:
             cache.advance(T)
         x = x.view(B, T, C)[:, -1] if last_only else x.view(B, T, C)
-        return F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)  # per row: same bits
+        return torch.layer_norm(x, *self.ln_f)  # per row, so the same bits as on every position
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits for hidden states h (..., C): the tied unembedding on the host's kernel."""
