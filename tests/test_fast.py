@@ -491,3 +491,17 @@ def test_bench_script_smoke(tmp_path: Path) -> None:
     assert any(f.startswith("prefill fp32") for f in figures)
     assert any("load peak RSS" in f for f in figures)
     assert data["host"]["torch"] == torch.__version__
+
+
+@needs_generate
+def test_ablation_script_smoke(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), kernels.ENV_CACHE_DIR: str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "bench_ablation.py"), "--size", "tiny", "--quick"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 1, float32 |")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "transformers fp32", "model path", "decoder, plain kernels", "decoder, chosen kernels"
+    ]
