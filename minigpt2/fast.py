@@ -263,11 +263,12 @@ class Decoder:
         self.layers = []
         for i, b in enumerate(t.h):
             act = b.mlp.act.forward
-            if type(b.mlp.act) is NewGELUActivation:
-                # fp32: the formula in place, bit for bit. Half precision: PyTorch's fused tanh
-                # GELU, the same function computed in fp32 and rounded once, instead of after
-                # each of 8 steps (closer to the exact function, and a third of the time).
-                act = gelu_new_ if model.dtype == torch.float32 else _gelu_tanh
+            if type(b.mlp.act) is NewGELUActivation and model.dtype == torch.float32:
+                act = gelu_new_  # the formula in place, bit for bit
+            elif type(b.mlp.act) is NewGELUActivation and model.dtype in (torch.bfloat16, torch.float16):
+                # PyTorch's fused tanh GELU: the same function computed in fp32 and rounded once,
+                # instead of after each of 8 steps (closer to the exact function, a third of the time).
+                act = _gelu_tanh
             self.layers.append((
                 _norm(b.ln_1), _attention(b.attn), p.blocks[4 * i].mm, p.blocks[4 * i + 1].mm,
                 _norm(b.ln_2), p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
