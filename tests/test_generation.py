@@ -166,6 +166,24 @@ def test_top_k_keeps_ties_and_top_p_keeps_min_tokens() -> None:
             assert torch.equal(sampling.top_p(scores, p, keep), TopPLogitsWarper(p, min_tokens_to_keep=keep)(None, scores))
 
 
+def test_greedy_picks_what_argmax_picks_on_ties_inf_and_nan() -> None:
+    """sampling.greedy uses torch.max's indices (faster); they must be torch.argmax's, which
+    transformers' greedy search calls."""
+    from minigpt2 import sampling
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        B, V = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 60000, (1,), generator=g))
+        x = torch.randint(-3, 3, (B, V), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            x[x < 0] = float("-inf")
+        if trial % 7 == 0:
+            x[0] = float("-inf")  # a row with nothing allowed
+        if trial % 11 == 0:
+            x[-1, V // 2] = float("nan")
+        assert torch.equal(sampling.greedy(x), torch.argmax(x, dim=-1))
+
+
 # --------------------------------------------------------------------------- beam search
 @pytest.mark.parametrize(
     "kw",
