@@ -72,19 +72,22 @@ def conv1ds(model: GPT2) -> list[Conv1D]:
     return [m for m in model.transformer.h.modules() if isinstance(m, Conv1D)]
 
 
-def _has_hooks(modules: list[torch.nn.Module], tapped: list[torch.nn.Module]) -> bool:
-    """torch forward hooks, global or on any of ``modules``, or minigpt2 hooks (``taps``)."""
-    if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
-        return True
-    if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
-        return True
-    return any(m.taps is not None for m in tapped)
+class _HookWatch:
+    """Every place a hook can sit on one model, gathered once and cheap to test again: torch's
+    global forward hooks, each module's hook dicts (torch mutates them in place), and
+    minigpt2's tapped modules (``GPT2.hooks``)."""
 
+    def __init__(self, model: GPT2) -> None:
+        from .model import _Tapped
 
-def _tapped(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    from .model import _Tapped
+        modules = list(model.modules())
+        self.dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.tapped = [m for m in modules if isinstance(m, _Tapped)]
 
-    return [m for m in modules if isinstance(m, _Tapped)]
+    def any(self) -> bool:
+        if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks or any(self.dicts):
+            return True
+        return any(m.taps is not None for m in self.tapped)
 
 
 def usable(model: GPT2) -> bool:
@@ -92,8 +95,7 @@ def usable(model: GPT2) -> bool:
     (nothing swapped in), and no hooks of any kind on the model."""
     if torch.is_grad_enabled() or model.training or model.device.type != "cpu":
         return False
-    modules = list(model.modules())
-    return _standard(model) and not _has_hooks(modules, _tapped(modules))
+    return _standard(model) and not _HookWatch(model).any()
 
 
 def _standard(model: GPT2) -> bool:
@@ -274,12 +276,9 @@ class Decoder:
                 _norm(b.ln_2), p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
             ))  # fmt: skip
         self.unembed = p.unembed.mm
-        # What ready() looks at before every step, gathered once: every module's hook dicts
-        # (torch mutates them in place), minigpt2's tapped modules, and the weights the
-        # prepared copies were made from (their version counters and addresses).
-        modules = list(model.modules())
-        self._hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
-        self._tapped = _tapped(modules)
+        # What ready() looks at before every step, gathered once: the hooks, and the weights
+        # the prepared copies were made from (their version counters and addresses).
+        self._hooks = _HookWatch(model)
         weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
         # (Inference tensors have no version counter, and cannot be edited outside inference mode.)
         self._versioned = [w for w in weights if not w.is_inference()]
@@ -293,9 +292,7 @@ class Decoder:
         """Whether this step may take the fast path (rebuilding prepared weights if one changed)."""
         if torch.is_grad_enabled() or self.model.training:
             return False
-        if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks or any(self._hook_dicts):
-            return False
-        if any(m.taps is not None for m in self._tapped):
+        if self._hooks.any():
             return False
         if self._weight_keys() != self._keys:
             fresh = Decoder(self.model, prepare(self.model, self.p.batch))
