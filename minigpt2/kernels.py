@@ -60,15 +60,10 @@ class PreparedLinear:
 
     ``weight_out_in`` is the matrix as [out, in] (for Conv1D a transposed view of its
     [in, out] parameter, for the unembedding the embedding itself): only ``prepare`` copies.
-    ``key`` records the source tensors' versions and addresses, so a cached instance can
-    tell when the weights it was built from have changed (in-place edit, optimizer step,
-    load_state_dict, .to()).
+    Whether the source weights changed since is fast.py's business (it keys the whole set).
     """
 
     def __init__(self, kernel: str, weight_out_in: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> None:
-        self.kernel = kernel
-        self.bias = bias
-        self.key = source_key(weight_out_in, bias)
         self.out_features = weight_out_in.shape[0]
         w = weight_out_in.detach()
         self.extra_bytes = 0 if kernel == "plain" else w.numel() * w.element_size()
