@@ -90,12 +90,13 @@ class _HookWatch:
         return any(m.taps is not None for m in self.tapped)
 
 
-def usable(model: GPT2) -> bool:
+def usable(model: GPT2, hooks: _HookWatch | None = None) -> bool:
     """Whether the fast path may run now: autograd off, eval mode, CPU, GPT-2's own modules
-    (nothing swapped in), and no hooks of any kind on the model."""
+    (nothing swapped in), and no hooks of any kind on the model (``hooks``: the model's
+    _HookWatch, if the caller has one)."""
     if torch.is_grad_enabled() or model.training or model.device.type != "cpu":
         return False
-    return _standard(model) and not _HookWatch(model).any()
+    return _standard(model) and not (hooks or _HookWatch(model)).any()
 
 
 def _standard(model: GPT2) -> bool:
@@ -255,7 +256,7 @@ class Decoder:
     the vocabulary, positions [B or 1, T], the 0/1 mask [B, past + T] or None, the cache.
     """
 
-    def __init__(self, model: GPT2, p: _Prepared) -> None:
+    def __init__(self, model: GPT2, p: _Prepared, hooks: _HookWatch | None = None) -> None:
         from .model import NewGELUActivation
 
         self.model, self.p = model, p
@@ -278,7 +279,7 @@ class Decoder:
         self.unembed = p.unembed.mm
         # What ready() looks at before every step, gathered once: the hooks, and the weights
         # the prepared copies were made from (their version counters and addresses).
-        self._hooks = _HookWatch(model)
+        self._hooks = hooks or _HookWatch(model)
         weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
         # (Inference tensors have no version counter, and cannot be edited outside inference mode.)
         self._versioned = [w for w in weights if not w.is_inference()]
@@ -295,7 +296,7 @@ class Decoder:
         if self._hooks.any():
             return False
         if self._weight_keys() != self._keys:
-            fresh = Decoder(self.model, prepare(self.model, self.p.batch))
+            fresh = Decoder(self.model, prepare(self.model, self.p.batch), self._hooks)
             self.__dict__.update(fresh.__dict__)
         return True
 
@@ -344,6 +345,7 @@ class Decoder:
 def decoder(model: GPT2, batch_size: int) -> Decoder | None:
     """The fast path for generating ``batch_size`` rows, or None where it may not run
     (see :func:`usable`): then the caller runs the plain model."""
-    if not usable(model):
+    hooks = _HookWatch(model)  # one walk over the modules serves the check now and before every step
+    if not usable(model, hooks):
         return None
-    return Decoder(model, prepare(model, batch_size))
+    return Decoder(model, prepare(model, batch_size), hooks)
