@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import torch
 
 from .config import GPT2Config
+from .hub import HubRepo, atomic_write, local_dir
+from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .model import GPT2
@@ -95,40 +94,18 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 # ------------------------------------------------------------------ where the files are
-def looks_like_path(name: str) -> bool:
-    """True if ``name`` is meant as a filesystem path rather than a Hub repo id (a repo id
-    is ``name`` or ``owner/name``); the model and tokenizer loaders decide alike."""
-    return (
-        os.path.exists(name)
-        or name.startswith(("/", "./", "../", "~", "\\", ".\\", "..\\"))
-        or os.path.isabs(name)
-        or name in (".", "..")
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
-    )
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE asks for the local cache only (huggingface_hub's spellings)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | None = None) -> tuple[Path, list[Path]]:
     """(config.json path, weight files) for a local directory or a Hub repo id.
 
     A local directory is used as it is. Anything else is taken as a Hub repo id and
-    fetched with huggingface_hub: only config.json and the weights (safetensors first),
-    into the standard cache, so a second load (or HF_HUB_OFFLINE=1) needs no network.
+    fetched with huggingface_hub (:mod:`minigpt2.hub`): only config.json and the weights
+    (safetensors first), into the standard cache, so a second load (or HF_HUB_OFFLINE=1)
+    needs no network.
     """
-    name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = local_dir(name_or_path)
+    if path is not None:
         return _local_checkpoint(path)
-    if path.exists():  # e.g. the path of model.safetensors itself
-        raise ValueError(f"{name} is a file, not a checkpoint directory: pass the directory that holds {CONFIG}")
-    if looks_like_path(name):
-        raise FileNotFoundError(f"checkpoint directory not found: {name}")
-    return _hub_checkpoint(name, revision)
+    return _hub_checkpoint(HubRepo(os.fspath(name_or_path), revision))
 
 
 def _local_checkpoint(path: Path) -> tuple[Path, list[Path]]:
@@ -147,109 +124,42 @@ def _local_checkpoint(path: Path) -> tuple[Path, list[Path]]:
 
 def _shards(index_file: Path) -> list[str]:
     """Shard file names of a sharded checkpoint, in order, from its index.json."""
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index_file} is not a valid shard index ({type(e).__name__}: {e})") from None
+    files = _shards_listed(index_file)
     for f in files:
         if not (index_file.parent / f).is_file():
             raise FileNotFoundError(f"shard {f} listed in {index_file} not found")
     return files
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Cheap check that the Hub endpoint accepts TCP connections.
-
-    ``huggingface_hub`` retries failed connections with back-off (about 25 s
-    and a page of warnings when offline); one short connect avoids that.
-    With a proxy configured the check is skipped (the proxy decides).
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlsplit(endpoint)
-    if not url.hostname:
-        return False
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_checkpoint(repo_id: str, revision: str | None) -> tuple[Path, list[Path]]:
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise ValueError(f"{repo_id!r} is not a local directory and huggingface_hub is not installed") from None
-
-    # Without a quick answer from the Hub, read the local cache only: a cached checkpoint
-    # still loads, and an uncached one fails at once instead of after minutes of retries.
-    local_only = hub_offline() or not hub_reachable()
-
-    def fetch(filename: str) -> Path:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
-        except EntryNotFoundError:  # the repo lacks the file, or (Local...) it is not cached
-            raise
-        except Exception as e:  # network errors, 401/404, bad repo id, ...
-            raise _hub_error(repo_id, e) from None
-
-    try:
-        config = fetch(CONFIG)
-    except EntryNotFoundError as e:  # LocalEntryNotFoundError included: offline, not cached
-        raise _hub_error(repo_id, e) from None
-    not_cached: Exception | None = None
+def _hub_checkpoint(repo: HubRepo) -> tuple[Path, list[Path]]:
+    config = repo.file(CONFIG)
+    if config is None:
+        raise repo.error()
     for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
-        for filename in (single, index):
-            try:
-                found = fetch(filename)
-            except LocalEntryNotFoundError as e:  # (a subclass: test it first) not cached, no Hub
-                not_cached = not_cached or e
-                continue
-            except EntryNotFoundError:  # the repo has no such file: try the next layout
-                continue
-            if filename == single:
-                return config, [found]
-            try:
-                return config, [fetch(f) for f in _shards_listed(found)]
-            except EntryNotFoundError as e:
-                raise _hub_error(repo_id, e) from None
-    if not_cached is not None:
-        raise _hub_error(repo_id, not_cached)
-    raise ValueError(f"Hub repo {repo_id!r} has no {SAFETENSORS} or {PYTORCH_BIN} weights")
-
-
-def _hub_error(repo_id: str, e: Exception) -> ValueError:
-    """huggingface_hub's exceptions (some of them FileNotFoundError / ValueError subclasses,
-    none naming the repo) as one ValueError that names the repo and says what to do."""
-    from huggingface_hub.utils import LocalEntryNotFoundError
-
-    if isinstance(e, LocalEntryNotFoundError):
-        reason = (
-            "it is not in the local Hugging Face cache and the Hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if hub_offline() else "")
-            + "; download it once while online, or pass a local directory"
-        )
-    else:
-        text = str(e).strip()
-        reason = text.splitlines()[0] if text else type(e).__name__
-    return ValueError(f"could not get checkpoint {repo_id!r} from the Hugging Face Hub (and no such local directory): {reason}")
+        found = repo.file(single)
+        if found is not None:
+            return config, [found]
+        found = repo.file(index)
+        if found is not None:
+            shards = []
+            for name in _shards_listed(found):
+                shard = repo.file(name)
+                if shard is None:
+                    raise repo.error() if repo.not_cached else ValueError(
+                        f"shard {name} listed in {index} of Hub repo {repo.repo_id!r} is not in the repo"
+                    )
+                shards.append(shard)
+            return config, shards
+    if repo.not_cached:
+        raise repo.error()
+    raise ValueError(f"Hub repo {repo.repo_id!r} has no {SAFETENSORS} or {PYTORCH_BIN} weights")
 
 
 def _shards_listed(index_file: Path) -> list[str]:
     try:
-        return sorted(set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        return sorted(set(index["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index_file} is not a valid shard index ({type(e).__name__}: {e})") from None
 
 
@@ -450,20 +360,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- saving
-def _atomic_write(directory: Path, name: str, write: Any) -> None:
-    """Write ``directory/name`` under a temporary name, then rename it into place, so a
-    half-written file never looks complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any) -> None:
     """Write a checkpoint transformers' GPT2LMHeadModel, AutoTokenizer and minigpt2 load.
 
@@ -473,8 +369,6 @@ def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any)
     steps, losses, ...). ``directory`` may exist if it is empty or a previous checkpoint.
     """
     from safetensors.torch import save_file
-
-    from .tokenizer import Tokenizer
 
     out = Path(directory)
     if out.exists() and not out.is_dir():
@@ -486,20 +380,20 @@ def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any)
         if name == "lm_head.weight":
             continue  # tied to transformer.wte.weight; transformers re-ties on load
         tensors[name] = t.detach().to("cpu").contiguous()
-    _atomic_write(out, SAFETENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / SAFETENSORS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     config = model.config.to_dict()
     # transformers v5 reads "dtype", v4 "torch_dtype": write both, so a "dtype" carried over
     # from the source config.json (in config.extra) cannot contradict the saved weights.
     config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    _atomic_write(out, CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(out / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     gen.update(getattr(model, "generation_config", None) or {})
     gen.pop("transformers_version", None)
-    _atomic_write(out, GENERATION_CONFIG, lambda p: Path(p).write_text(json.dumps(gen, indent=2) + "\n"))
+    atomic_write(out / GENERATION_CONFIG, json.dumps(gen, indent=2) + "\n")
     tokenizer = getattr(model, "tokenizer", None) or Tokenizer.from_pretrained(getattr(model, "name_or_path", None))
     tokenizer.save_pretrained(out)
     if card:
-        _atomic_write(out, "README.md", lambda p: Path(p).write_text(model_card(model, **card)))
+        atomic_write(out / "README.md", model_card(model, **card))
 
 
 def model_card(model: GPT2, **fields: Any) -> str:

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from typing import Any
 
 import tiktoken
 
-from .loading import hub_offline, hub_reachable, looks_like_path
+from .hub import HubRepo, atomic_write, local_dir
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "DEFAULT_EOS_TOKEN"]
 
@@ -371,38 +370,19 @@ def _read_directory_extras(directory: Path) -> tuple[dict[str, int], str | None]
 def _hub_download(repo_id: str) -> Path | None:
     """Directory holding ``repo_id``'s vocab.json + merges.txt, or None.
 
-    The local Hugging Face cache is tried first (instant, no network); the
-    network only when ``HF_HUB_OFFLINE`` is not set and the Hub answers a
-    quick connection check.  Any failure (no ``huggingface_hub``, no network,
-    unknown repo, invalid id) gives None.
+    Through :class:`minigpt2.hub.HubRepo` (the cache only when offline or when the Hub does
+    not answer); any failure (no network, unknown repo, invalid id) gives None.
     """
+    repo = HubRepo(repo_id)
     try:
-        from huggingface_hub import hf_hub_download
-    except Exception:  # pragma: no cover - huggingface_hub is a transformers dependency
-        return None
-    offline = hub_offline()
-    for local_only in (True, False):
-        if not local_only and (offline or not hub_reachable()):
-            break
-        try:
-            vocab = hf_hub_download(
-                repo_id, _VOCAB_NAME, local_files_only=local_only, etag_timeout=5
-            )
-            merges = hf_hub_download(
-                repo_id, _MERGES_NAME, local_files_only=local_only, etag_timeout=5
-            )
-        except Exception:
-            continue
-        directory = Path(vocab).parent
-        if Path(merges).parent != directory:  # pragma: no cover - same snapshot in practice
+        vocab, merges = repo.file(_VOCAB_NAME), repo.file(_MERGES_NAME)
+        if vocab is None or merges is None or merges.parent != vocab.parent:
             return None
         for optional in (_ADDED_TOKENS_NAME, _CONFIG_NAME):
-            try:
-                hf_hub_download(repo_id, optional, local_files_only=local_only, etag_timeout=5)
-            except Exception:
-                pass
-        return directory
-    return None
+            repo.file(optional)
+    except ValueError:
+        return None
+    return vocab.parent
 
 
 _GPT2_REPO_IDS = {
@@ -495,15 +475,13 @@ class Tokenizer:
         if name_or_path is None:
             return cls()
         name = os.fspath(name_or_path)
-        path = Path(name).expanduser()
-        if path.is_dir():
+        path = local_dir(name_or_path, "tokenizer")
+        if path is not None:
             if (path / _VOCAB_NAME).is_file() and (path / _MERGES_NAME).is_file():
                 return cls._from_directory(path)
             logger.info("%s has no %s/%s; using the packaged GPT-2 tokenizer",
                         name, _VOCAB_NAME, _MERGES_NAME)  # fmt: skip
             return cls()
-        if isinstance(name_or_path, os.PathLike) or looks_like_path(name):
-            raise FileNotFoundError(f"tokenizer directory not found: {name!r}")
         if name in _GPT2_REPO_IDS:  # the packaged files are exactly these repos' files
             return cls()
         directory = _hub_download(name)
@@ -678,21 +656,5 @@ class Tokenizer:
         if extra:
             files[_ADDED_TOKENS_NAME] = json.dumps(extra, ensure_ascii=False)
         for name, text in files.items():
-            _atomic_write(out_dir / name, text)
+            atomic_write(out_dir / name, text)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

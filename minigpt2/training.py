@@ -653,7 +653,7 @@ def save_checkpoint(
         return
     from safetensors.torch import save_file
 
-    from .loading import _atomic_write
+    from .hub import atomic_write
 
     card = {
         "base_model": base if base != "resumed" else _previous_base(out),
@@ -672,7 +672,7 @@ def save_checkpoint(
             tensors[f"optimizer.{names[id(p)]}.{k}"] = v.detach().to("cpu").contiguous()
     for key, t in rng.items():
         tensors[f"rng.{key}"] = t
-    _atomic_write(out, STATE_TENSORS, lambda p: save_file(tensors, p))
+    atomic_write(out / STATE_TENSORS, lambda p: save_file(tensors, p))
     state = {
         "format": 1,
         "step": step,
@@ -684,7 +684,7 @@ def save_checkpoint(
         "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
     }
-    _atomic_write(out, STATE_JSON, lambda p: Path(p).write_text(json.dumps(state, indent=2) + "\n"))
+    atomic_write(out / STATE_JSON, json.dumps(state, indent=2) + "\n")
     _barrier(world)
 
 

@@ -53,6 +53,16 @@ def save_hf_checkpoint(directory: Path, seed: int = 0, **config: Any) -> tuple[P
     return directory, hf
 
 
+def assert_close_or_none(actual: Any, expected: Any, rel: float = 1e-6, what: str = "value") -> None:
+    """Presence first, then the number: a None (or absent) value must meet a None, and only
+    two numbers are compared, within ``rel``. (``None == pytest.approx(None)`` held in older
+    pytest and raises TypeError since pytest 9: never let a None reach approx.)"""
+    assert (actual is None) == (expected is None), f"{what}: {actual!r} vs {expected!r}"
+    if expected is not None:
+        assert isinstance(actual, (int, float)) and isinstance(expected, (int, float)), f"{what}: {actual!r} vs {expected!r}"
+        assert actual == pytest.approx(expected, rel=rel), what
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Any]]:
     """Factory: make_checkpoint(seed=0, **config) -> (directory, transformers model)."""

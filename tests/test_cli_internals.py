@@ -175,6 +175,7 @@ def test_score_text_and_json(gpt2_tiny_vocab_checkpoint, tmp_path):
     assert "".join(data["tokens"]) == TEXT
     assert data["logprobs"][0] is None and len(data["logprobs"]) == len(data["tokens"])
     assert data["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert None not in data["logprobs"][1:]  # stride < n_positions: every token but the first is scored
     assert -sum(data["logprobs"][1:]) == pytest.approx(data["nll"], rel=1e-6)
 
 

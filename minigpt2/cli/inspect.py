@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
+from ..hub import HubRepo, local_dir
 from . import DEFAULT_MODEL, CLIError, add_model_args, load_model_and_tokenizer
 
 
@@ -85,22 +85,23 @@ def _config_for(name: str):  # noqa: ANN202 - (GPT2Config, note)
     """
     from ..config import PRESETS, GPT2Config
 
-    path = Path(name).expanduser()
-    if path.is_dir():
+    path = local_dir(name)
+    if path is not None:
         return GPT2Config.from_json_file(path / "config.json"), f"read {path / 'config.json'}"
-    if name.startswith(("/", "./", "../", "~")) or os.path.exists(name) or name.count("/") > 1:
-        raise FileNotFoundError(f"checkpoint directory not found: {name}")
     official = name in PRESETS or name in _OFFICIAL
+    # An official name never waits for the network: the packaged preset answers instead.
+    repo = HubRepo(name, local_only=True if official else None, what="the config of")
     try:
-        from huggingface_hub import hf_hub_download
-
-        config_file = hf_hub_download(name, "config.json", local_files_only=official)
-    except Exception as e:  # not cached, offline, unknown repo, ...
+        config_file = repo.file("config.json")
+    except ValueError:
+        if not official:
+            raise
+        config_file = None
+    if config_file is None:
         if official:
             preset = name.split("/")[-1]
             return GPT2Config.from_preset(preset), f"packaged {preset} preset: inspect needs no download"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not get the config of {name!r} (not a local directory, not on the Hub): {reason}") from None
+        raise repo.error()
     return GPT2Config.from_json_file(config_file), f"config.json of Hub repo {name}"
 
 
