@@ -54,6 +54,8 @@ class _Prepared:
     unembed_kernel: str
     blocks: list[PreparedLinear]  # one per Conv1D, in model.modules() order
     unembed: PreparedLinear
+    rows_kernel: str = "plain"  # the block matrices' kernel for products of more than kernels.ROWS rows
+    rows: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)  # (N, in) -> (N, out)
     keys: list[tuple] = field(default_factory=list)  # source_key of every weight it was built from
     forced: str | None = None  # kernels.forced() when it was built
 
@@ -160,32 +162,49 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
         return p  # the common case: every generate after the first
     c = model.config
     blocks = _sources(model)[0]
+    role = f"blocks n_embd={c.n_embd} inner={c.inner_dim}"
     with torch.no_grad():
         # Decide on enough blocks to stream from memory (all blocks share their shapes), and
-        # on the unembedding.
-        block_kernel = kernels.choose(f"blocks n_embd={c.n_embd} inner={c.inner_dim}", _sample(blocks), bucket)
+        # on the unembedding; then how the block matrices take many rows (a prompt).
+        block_kernel = kernels.choose(role, _sample(blocks), bucket)
         unembed_kernel = kernels.choose("unembed", [(E, None)], bucket)
+        rows_kernel = kernels.choose_rows(role, blocks[:4], block_kernel)
         p = _prepared.get(model)
         if (
             p is not None
             and p.keys == keys
-            and (p.block_kernel, p.unembed_kernel) == (block_kernel, unembed_kernel)
+            and (p.block_kernel, p.unembed_kernel, p.rows_kernel) == (block_kernel, unembed_kernel, rows_kernel)
             and (p.batch == bucket or "mkldnn" not in (block_kernel, unembed_kernel))
         ):
             p.batch, p.forced = bucket, forced
             return p
         _prepared.pop(model, None)  # drop the old copies before building new ones
+        prepared = [PreparedLinear(block_kernel, w, b, bucket) for w, b in blocks]
         p = _Prepared(
             batch=bucket,
             block_kernel=block_kernel,
             unembed_kernel=unembed_kernel,
-            blocks=[PreparedLinear(block_kernel, w, b, bucket) for w, b in blocks],
+            blocks=prepared,
             unembed=PreparedLinear(unembed_kernel, E, None, bucket),
+            rows_kernel=rows_kernel,
+            rows=[_rows_mm(rows_kernel, pl, w, b) for pl, (w, b) in zip(prepared, blocks)],
             keys=keys,
             forced=forced,
         )
     _prepared[model] = p
     return p
+
+
+def _rows_mm(
+    kernel: str, step: PreparedLinear, w: torch.Tensor, b: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The many-row product for one block matrix: the step kernel's own when they agree (the
+    same copy), else the plain addmm on the parameter or a per-call fp32 upcast (no copy)."""
+    if kernel == step.kernel:
+        return step.mm
+    if kernel == "upcast":
+        return kernels.upcast_rows(w, b)
+    return PreparedLinear(kernel, w, b, 1).mm  # plain: views of the parameters
 
 
 def release(model: GPT2) -> None:
@@ -200,9 +219,12 @@ def extra_bytes(model: GPT2) -> int:
 
 
 def kernel_names(model: GPT2) -> dict[str, str]:
-    """The kernels in use for the block matrices and the unembedding ({} before first use)."""
+    """The kernels in use for the block matrices and the unembedding ({} before first use).
+
+    ``blocks`` and ``unembed`` serve decoding steps (up to kernels.ROWS rows); ``prefill``
+    is the block matrices' kernel for more rows (a prompt)."""
     p = _prepared.get(model)
-    return {} if p is None else {"blocks": p.block_kernel, "unembed": p.unembed_kernel}
+    return {} if p is None else {"blocks": p.block_kernel, "unembed": p.unembed_kernel, "prefill": p.rows_kernel}
 
 
 # ------------------------------------------------------------------ GPT-2's GELU, in place
@@ -222,6 +244,19 @@ def gelu_new_(x: torch.Tensor) -> torch.Tensor:
     t = x.pow(3.0)
     t.mul_(_KAPPA).add_(x).mul_(_BETA).tanh_().add_(_ONE)
     return x.mul_(_HALF).mul_(t)
+
+
+#: Rows of a prompt's MLP activation that GELU works through at a time: 8 passes over a
+#: block of 128 x 3072 fp32 (1.5 MB) stay in the core's cache, 8 passes over a 1000-token
+#: prompt's 12 MB do not (elementwise, so the same bits either way).
+GELU_ROWS = 128
+
+
+def _gelu_new_by_rows(x: torch.Tensor) -> torch.Tensor:
+    """gelu_new_ on x (N, inner), GELU_ROWS rows at a time."""
+    for part in x.split(GELU_ROWS):
+        gelu_new_(part)
+    return x
 
 
 def _norm(ln: torch.nn.LayerNorm) -> tuple:
@@ -263,19 +298,21 @@ class Decoder:
         c, t = model.config, model.transformer
         self.C, self.nh, self.hs = c.n_embd, c.n_head, c.head_dim
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, _norm(t.ln_f)
-        self.layers = []
+        # Per block: (ln_1, attention, c_attn, attn.c_proj, ln_2, c_fc, act, mlp.c_proj), once
+        # with the decode-step kernels and once with the many-row ones (a prompt).
+        self.layers, self.layers_rows = [], []
         for i, b in enumerate(t.h):
-            act = b.mlp.act.forward
+            act = act_rows = b.mlp.act.forward
             if type(b.mlp.act) is NewGELUActivation and model.dtype == torch.float32:
-                act = gelu_new_  # the formula in place, bit for bit
+                act, act_rows = gelu_new_, _gelu_new_by_rows  # the formula in place, bit for bit
             elif type(b.mlp.act) is NewGELUActivation and model.dtype in (torch.bfloat16, torch.float16):
                 # PyTorch's fused tanh GELU: the same function computed in fp32 and rounded once,
                 # instead of after each of 8 steps (closer to the exact function, a third of the time).
-                act = _gelu_tanh
-            self.layers.append((
-                _norm(b.ln_1), _attention(b.attn), p.blocks[4 * i].mm, p.blocks[4 * i + 1].mm,
-                _norm(b.ln_2), p.blocks[4 * i + 2].mm, act, p.blocks[4 * i + 3].mm,
-            ))  # fmt: skip
+                act = act_rows = _gelu_tanh
+            ln_1, sdpa, ln_2 = _norm(b.ln_1), _attention(b.attn), _norm(b.ln_2)
+            step, rows = p.blocks[4 * i : 4 * i + 4], p.rows[4 * i : 4 * i + 4]
+            self.layers.append((ln_1, sdpa, step[0].mm, step[1].mm, ln_2, step[2].mm, act, step[3].mm))
+            self.layers_rows.append((ln_1, sdpa, rows[0], rows[1], ln_2, rows[2], act_rows, rows[3]))
         self.unembed = p.unembed.mm
         # What ready() looks at before every step, gathered once: the hooks, and the weights
         # the prepared copies were made from (their version counters and addresses).
@@ -315,17 +352,19 @@ class Decoder:
         C, nh, hs = self.C, self.nh, self.hs
         past = 0 if cache is None else cache.length
         bias = attention_bias(mask, T, past, ids.device)
-        # As model.py: token + position embeddings; the residual stream as (B*T, C) rows.
+        # As model.py: token + position embeddings; the residual stream as (B*T, C) rows, ours
+        # to add into in place (the same sums as x = x + f(x)).
         x = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(B * T, C)
-        for i, (ln_1, sdpa, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj) in enumerate(self.layers):
+        layers = self.layers if B * T <= kernels.ROWS else self.layers_rows
+        for i, (ln_1, sdpa, c_attn, attn_proj, ln_2, c_fc, act, mlp_proj) in enumerate(layers):
             qkv = c_attn(torch.layer_norm(x, *ln_1)).view(B, T, 3, nh, hs)
             if cache is not None:
                 k, v = cache.update_fused(i, qkv.narrow(2, 1, 2))  # (B, nh, S, hs): past + new
             else:
                 k, v = qkv.select(2, 1).transpose(1, 2), qkv.select(2, 2).transpose(1, 2)
             y = sdpa(qkv.select(2, 0).transpose(1, 2), k, v, bias)  # (B, nh, T, hs)
-            x = x + attn_proj(y.transpose(1, 2).reshape(B * T, C))
-            x = x + mlp_proj(act(c_fc(torch.layer_norm(x, *ln_2))))
+            x.add_(attn_proj(y.transpose(1, 2).reshape(B * T, C)))
+            x.add_(mlp_proj(act(c_fc(torch.layer_norm(x, *ln_2)))))
         if cache is not None:
             cache.advance(T)
         x = x.view(B, T, C)[:, -1] if last_only else x.view(B, T, C)

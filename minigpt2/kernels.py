@@ -16,12 +16,22 @@ and the torch build; measured on the hosts here (see docs/performance.md):
   ``torch.ops.mkldnn._linear_pointwise``. On CPUs with AMX / AVX512-bf16 it is by far the
   fastest bf16 path, and at batch > 1 also in fp32. Private torch ops, so they sit behind
   :func:`available`, which runs them once on a small matrix and checks the result.
+- ``upcast`` (bf16 / fp16 weights only): an fp32 copy of the weights, multiplied in fp32
+  (oneDNN's prepacked fp32 kernel where available) and rounded back to the weights' dtype.
+  On CPUs without native half-precision arithmetic (no AVX512-bf16 / AMX: oneDNN has no
+  bf16 kernel and torch's fallback is slow) this keeps a bf16 model at least as fast as the
+  same model in fp32. Costs twice the half-precision weight bytes.
 
-:func:`choose` picks one per (CPU, torch version, dtype, matrix shapes, batch size) by a
-short measurement on the model's own matrices the first time, cached in
-``$MINIGPT2_CACHE_DIR/kernels.json`` (default ``~/.cache/minigpt2``). The environment
-variable ``MINIGPT2_KERNEL`` (``plain``, ``transposed``, ``mkldnn``) or :func:`force`
-overrides the choice, so tests can run every candidate on whatever host they land on.
+:func:`choose` picks one per (CPU, torch version and threads, dtype, matrix shapes, batch
+size) by a short measurement on the model's own matrices, cached in
+``$MINIGPT2_CACHE_DIR/kernels.json`` (default ``~/.cache/minigpt2``). A measurement taken
+while other processes compete for the cores can crown the wrong kernel, so one sample
+decides for good only when it is quiet and clear; otherwise the next few processes measure
+again and the decision is taken from all samples together (see :func:`decide`).
+:func:`choose_rows` does the same for many-row products (a prompt's prefill). The
+environment variable ``MINIGPT2_KERNEL`` (``plain``, ``transposed``, ``mkldnn``, ``upcast``)
+or :func:`force` overrides the choice, so tests can run every candidate on whatever host
+they land on.
 """
 
 from __future__ import annotations
@@ -31,20 +41,38 @@ import functools
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-#: The candidates, in order of preference when measurements tie (plain costs no memory).
-KERNELS = ("plain", "transposed", "mkldnn")
+#: The candidates, in order of preference when measurements tie (plain costs no memory;
+#: upcast costs the most).
+KERNELS = ("plain", "transposed", "mkldnn", "upcast")
 
 #: Measurements within this fraction of the fastest count as a tie (the run-to-run noise of
-#: one choice on the hosts here is ~1-2 %).
+#: one choice on a quiet host here is ~1-2 %).
 TIE = 0.03
+
+#: One sample settles a decision only if it was quiet (every candidate's median round within
+#: this factor of its best round) and clear (the winner ahead of every other candidate by
+#: more than CLEAR); otherwise the next processes measure again, up to SAMPLES samples.
+QUIET = 1.10
+CLEAR = 0.10
+SAMPLES = 3
+
+#: After the warm-up round, a candidate this many times slower than the fastest is not timed
+#: further (torch's bf16 fallback on a CPU without bf16 can be 50x slower than fp32).
+HOPELESS = 4.0
+
+#: Products with more rows than this (a prompt's prefill, large batches) are compute-bound
+#: GEMMs, not weight streaming: they have their own kernel choice (:func:`choose_rows`).
+ROWS = 64
 
 ENV_KERNEL = "MINIGPT2_KERNEL"
 ENV_CACHE_DIR = "MINIGPT2_CACHE_DIR"
@@ -52,6 +80,7 @@ ENV_CACHE_DIR = "MINIGPT2_CACHE_DIR"
 _forced: str | None = None  # set by force(); wins over the environment variable
 _available: dict[tuple[str, torch.dtype, str], bool] = {}
 _decisions: dict[str, str] = {}  # decision_key -> kernel, this process's copy of the cache file
+HALF = (torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------ the kernels
@@ -61,30 +90,49 @@ class PreparedLinear:
     ``weight_out_in`` is the matrix as [out, in] (for Conv1D a transposed view of its
     [in, out] parameter, for the unembedding the embedding itself): only ``prepare`` copies.
     Whether the source weights changed since is fast.py's business (it keys the whole set).
+    ``mm`` takes x as (N, in) and returns (N, out) in the weights' dtype.
     """
 
     def __init__(self, kernel: str, weight_out_in: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> None:
+        self.kernel = kernel
         self.out_features = weight_out_in.shape[0]
         w = weight_out_in.detach()
-        self.extra_bytes = 0 if kernel == "plain" else w.numel() * w.element_size()
+        b = None if bias is None else bias.detach()
+        self.extra_bytes = 0
         if kernel == "plain":
             self.weight = w.t()  # (in, out): Conv1D's own parameter, or a view of the embedding
         elif kernel == "transposed":
             # (in, out) again, but in the memory layout the parameter is NOT stored in.
             wt = w.t()
             self.weight = wt.contiguous() if not wt.is_contiguous() else w.contiguous().t()
+            self.extra_bytes = w.numel() * w.element_size()
         elif kernel == "mkldnn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size)  # opaque
+            self.extra_bytes = w.numel() * w.element_size()
+        elif kernel == "upcast":
+            if w.dtype not in HALF:
+                raise ValueError(f"kernel 'upcast' is for bf16 / fp16 weights, not {w.dtype}")
+            # The fp32 copy, served by the fp32 kernel that streams best at batch > 1 and is the
+            # one that exists on every oneDNN build (fp32), else by addmm on the [in, out] copy.
+            inner = "mkldnn" if available("mkldnn", torch.float32, w.device) else "plain"
+            w32 = w.float()
+            self.fp32 = PreparedLinear(inner, w32 if inner == "mkldnn" else w32.t().contiguous().t(),
+                                       None if b is None else b.float(), batch_size)  # fmt: skip
+            self.weight = self.fp32.weight
+            self.extra_bytes = w32.numel() * 4
+            dtype, fp32_mm = w.dtype, self.fp32.mm
+            self.mm = lambda x: fp32_mm(x.float()).to(dtype)
+            return
         else:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
 
         # mm(x2) for x2 (N, in): one call, no branching per use (decoding calls it 49 times a token).
         if kernel == "mkldnn":
-            self.mm = functools.partial(_mkldnn_linear, weight=self.weight, bias=bias)
-        elif bias is None:
+            self.mm = functools.partial(_mkldnn_linear, weight=self.weight, bias=b)
+        elif b is None:
             self.mm = functools.partial(torch.mm, mat2=self.weight)
         else:
-            self.mm = functools.partial(torch.addmm, bias, mat2=self.weight)
+            self.mm = functools.partial(torch.addmm, b, mat2=self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
@@ -94,6 +142,21 @@ class PreparedLinear:
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def upcast_rows(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (N, in) -> (N, out) for half-precision weights, computed in fp32 with the weight
+    converted on each call (no copy kept): for products with many rows, where the
+    conversion is small next to the arithmetic, on CPUs whose half-precision GEMM is slow.
+    The same function as a native bf16 GEMM (fp32 accumulation, one rounding at the end)."""
+    w, b = weight_out_in.detach(), None if bias is None else bias.detach()
+    dtype = w.dtype
+
+    def mm(x: torch.Tensor) -> torch.Tensor:
+        y = torch.mm(x.float(), w.t().float()) if b is None else torch.addmm(b.float(), x.float(), w.t().float())
+        return y.to(dtype)
+
+    return mm
 
 
 def source_key(*tensors: torch.Tensor | None) -> tuple:
@@ -111,7 +174,8 @@ def available(kernel: str, dtype: torch.dtype, device: torch.device | str = "cpu
     ``plain`` always does. ``transposed`` needs nothing special. ``mkldnn`` needs a CPU torch
     build with oneDNN and the private ops, fp32 or bf16 (bf16 only where oneDNN supports it);
     it is tried once on a small matrix and compared with ``plain`` (so a torch version that
-    changed the ops' signature falls back instead of failing).
+    changed the ops' signature falls back instead of failing). ``upcast`` is for bf16 / fp16
+    weights on the CPU.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
@@ -125,8 +189,13 @@ def available(kernel: str, dtype: torch.dtype, device: torch.device | str = "cpu
 def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
     if kernel == "plain":
         return True
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return False  # on GPUs the plain path is what cuBLAS does best; fp16 on CPU is slow anyway
+    if device.type != "cpu":
+        return False  # on GPUs the plain path is what cuBLAS does best
+    if kernel == "upcast":
+        if dtype not in HALF:
+            return False
+    elif dtype not in (torch.float32, torch.bfloat16):
+        return False  # fp16 on CPU: plain, or upcast
     if kernel == "mkldnn" and not _mkldnn_ops_present(dtype):
         return False
     try:
@@ -156,6 +225,23 @@ def _mkldnn_ops_present(dtype: torch.dtype) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices natively through oneDNN (AVX512-bf16,
+    AMX, AVX512-fp16), which is where torch sends half-precision GEMMs when it can; without
+    it torch falls back to a generic loop that is far slower than fp32."""
+    try:
+        ops = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if dtype == torch.bfloat16:
+            return bool(ops._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(ops._is_mkldnn_fp16_supported())
+    except Exception:  # noqa: BLE001
+        return False
+    return False
 
 
 # ------------------------------------------------------------------ forcing a kernel
@@ -237,11 +323,52 @@ def _write_cache(key: str, entry: dict) -> None:
         pass
 
 
-def decision_key(role: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, batch_size: int) -> str:
+def decision_key(role: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, batch_size: int | str) -> str:
     unique = list(dict.fromkeys(shapes))
     shape_s = ",".join("x".join(map(str, s)) for s in unique) + f" ({len(shapes)} matrices)"
     dt = str(dtype).removeprefix("torch.")
-    return f"{host_id()} | torch {torch.__version__} | {role} {shape_s} | {dt} | batch {batch_bucket(batch_size)}"
+    bucket = batch_size if isinstance(batch_size, str) else f"batch {batch_bucket(batch_size)}"
+    return f"{host_id()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {role} {shape_s} | {dt} | {bucket}"
+
+
+@dataclass
+class Sample:
+    """One measurement: best seconds per pass of each candidate, and how noisy it was
+    (the largest ratio of a candidate's median round to its best round)."""
+
+    seconds: dict[str, float]
+    noise: float
+
+    def to_json(self) -> dict:
+        return {"seconds_per_pass": self.seconds, "noise": round(self.noise, 4),
+                "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+
+
+def decide(samples: Sequence[dict], candidates: Sequence[str]) -> tuple[str, bool]:
+    """The kernel the samples point to, and whether that is settled.
+
+    Each candidate's time is its best over all samples (other processes only ever add
+    time, so the minimum is the kernel's own speed, and more samples only sharpen it); the
+    first candidate (cheapest first) within TIE of the fastest wins. Settled when there are
+    SAMPLES samples, or when the newest one was quiet (noise <= QUIET) and clear (the winner
+    ahead of every other candidate that is not tied with it by more than CLEAR).
+    """
+    best_t: dict[str, float] = {}
+    for s in samples:
+        for k, t in s["seconds_per_pass"].items():
+            if k in candidates:
+                best_t[k] = min(t, best_t.get(k, float("inf")))
+    ranked = [k for k in candidates if k in best_t]
+    fastest = min(best_t[k] for k in ranked)
+    best = next(k for k in ranked if best_t[k] <= fastest * (1 + TIE))
+    if len(samples) >= SAMPLES:
+        return best, True
+    newest = samples[-1]
+    t = newest["seconds_per_pass"]
+    rivals = [t[k] for k in ranked if k in t and t[k] > fastest * (1 + TIE)]
+    clear = all(r >= min(t.values()) * (1 + CLEAR) for r in rivals)
+    quiet = newest.get("noise", float("inf")) <= QUIET
+    return best, quiet and clear
 
 
 def choose(
@@ -250,16 +377,17 @@ def choose(
     batch_size: int,
     *,
     rounds: int = 5,
+    candidates: Sequence[str] | None = None,
 ) -> str:
     """The kernel for these [out, in] matrices (+ biases) at this batch size.
 
-    Forced (``force`` / ``MINIGPT2_KERNEL``) if so, and available; else the cached
-    decision for this host, torch version, shapes, dtype and batch bucket; else measured
-    now: every available candidate runs one pass over ``matrices`` per round, candidates
-    interleaved so that machine drift hits all of them, best of ``rounds`` rounds (other
-    processes only ever add time, so the minimum is the kernel's own speed). Pass matrices
-    that together exceed the last-level cache, or the measurement sees cache speed, not
-    the memory streaming that decoding is limited by.
+    Forced (``force`` / ``MINIGPT2_KERNEL``) if so, and available; else the settled
+    decision cached for this host, torch version and threads, shapes, dtype and batch
+    bucket; else measured now (:func:`measure`), the sample added to the cache file's
+    samples for this key, and decided from all of them (:func:`decide`): a decision that is
+    not settled yet is used in this process and measured again in the next. Pass matrices
+    that together exceed the last-level cache, or the measurement sees cache speed, not the
+    memory streaming that decoding is limited by.
     """
     w0 = matrices[0][0]
     dtype, device = w0.dtype, w0.device
@@ -269,22 +397,24 @@ def choose(
             return name
         warnings.warn(f"kernel {name!r} is not available for {dtype} on {device.type}; using 'plain'", stacklevel=2)
         return "plain"
-    candidates = [k for k in KERNELS if available(k, dtype, device)]
+    candidates = [k for k in (candidates or KERNELS) if available(k, dtype, device)]
     if len(candidates) == 1:
         return candidates[0]
     key = decision_key(role, [tuple(w.shape) for w, _ in matrices], dtype, batch_size)
+    return _decided(key, candidates, lambda: _sample(matrices, candidates, batch_size, rounds))
+
+
+def _decided(key: str, candidates: Sequence[str], sample: Callable[[], Sample]) -> str:
     if key in _decisions:
         return _decisions[key]
-    cached = _read_cache().get(key)
-    if cached and cached.get("kernel") in candidates:
+    cached = _read_cache().get(key) or {}
+    samples = [s for s in cached.get("samples", []) if isinstance(s, dict) and "seconds_per_pass" in s]
+    if cached.get("settled") and cached.get("kernel") in candidates:
         best = cached["kernel"]
     else:
-        times = measure(matrices, candidates, batch_size, rounds=rounds)
-        fastest = min(times.values())
-        # Candidates come cheapest first (plain holds no copy): take the first within TIE of
-        # the fastest, so that a copy of the weights is only kept for a measurable gain.
-        best = next(k for k in candidates if times[k] <= fastest * (1 + TIE))
-        _write_cache(key, {"kernel": best, "seconds_per_pass": times, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+        samples = (samples + [sample().to_json()])[-SAMPLES:]
+        best, settled = decide(samples, candidates)
+        _write_cache(key, {"kernel": best, "settled": settled, "samples": samples})
     _decisions[key] = best
     return best
 
@@ -302,17 +432,102 @@ def measure(
     rounds: int = 5,
 ) -> dict[str, float]:
     """Best seconds per pass of x @ W^T + b over every matrix, per candidate kernel."""
-    w0 = matrices[0][0]
+    return _sample(matrices, candidates, batch_size, rounds).seconds
+
+
+def _sample(
+    matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    candidates: Sequence[str],
+    batch_size: int,
+    rounds: int,
+) -> Sample:
     with torch.no_grad():
-        prepared = {k: [PreparedLinear(k, w, b, batch_size) for w, b in matrices] for k in candidates}
-        g = torch.Generator(device=w0.device).manual_seed(0)  # the global RNG is the user's (seeded sampling)
-        xs = [torch.randn(batch_size, w.shape[1], generator=g, device=w.device).to(w.dtype) for w, _ in matrices]
-        runs: dict[str, list[float]] = {k: [] for k in candidates}
-        for r in range(rounds + 1):
-            for k in candidates:
-                t = time.perf_counter()
-                for p, x in zip(prepared[k], xs):
-                    p(x)
-                if r > 0:  # round 0 warms caches and oneDNN's kernel selection
-                    runs[k].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in runs.items()}
+        fns = {k: [PreparedLinear(k, w, b, batch_size).mm for w, b in matrices] for k in candidates}
+        return time_passes(fns, _inputs(matrices, batch_size), rounds)
+
+
+def _inputs(matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> list[torch.Tensor]:
+    w0 = matrices[0][0]
+    g = torch.Generator(device=w0.device).manual_seed(0)  # the global RNG is the user's (seeded sampling)
+    return [torch.randn(rows, w.shape[1], generator=g, device=w.device).to(w.dtype) for w, _ in matrices]
+
+
+def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], rounds: int) -> Sample:
+    """Per candidate, one pass = fns[k][i](xs[i]) for every matrix i; ``rounds`` rounds after
+    a warm-up, candidates interleaved within each round so that drift hits all of them.
+
+    A pass's time is the sum over matrices of each matrix's best time over the rounds: a
+    preemption by another process spoils one matrix of one round, not the whole pass. A
+    candidate more than HOPELESS times slower than the fastest in the warm-up round is not
+    timed further (its warm-up time stands). ``noise`` is the largest ratio of a candidate's
+    median round total to its best one.
+    """
+    clock = time.perf_counter
+    warm: dict[str, float] = {}
+    for k, f in fns.items():  # warm-up: caches, oneDNN's kernel selection, page faults
+        t = clock()
+        for fn, x in zip(f, xs):
+            fn(x)
+        warm[k] = clock() - t
+    live = [k for k in fns if warm[k] <= HOPELESS * min(warm.values())]
+    best = {k: [float("inf")] * len(xs) for k in live}
+    totals: dict[str, list[float]] = {k: [] for k in live}
+    for _ in range(rounds):
+        for k in live:
+            per = best[k]
+            total = 0.0
+            for i, (fn, x) in enumerate(zip(fns[k], xs)):
+                t = clock()
+                fn(x)
+                dt = clock() - t
+                total += dt
+                if dt < per[i]:
+                    per[i] = dt
+            totals[k].append(total)
+    seconds = {k: (sum(best[k]) if k in best else warm[k]) for k in fns}
+    noise = max((statistics.median(v) / max(min(v), 1e-12) for v in totals.values() if v), default=1.0)
+    return Sample(seconds, noise)
+
+
+def choose_rows(
+    role: str,
+    matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    step_kernel: str,
+    *,
+    rows: int = 256,
+    rounds: int = 3,
+) -> str:
+    """The kernel for products with many rows (more than ROWS: a prompt's prefill, large
+    batches), given ``step_kernel``, the one chosen for the decode step.
+
+    - fp32: ``plain``, the model's own addmm, so a prompt's logits are bit-identical to the
+      model's and transformers' (these GEMMs are compute-bound: every kernel runs at the
+      same arithmetic rate, within a few percent).
+    - bf16 / fp16: ``upcast`` (computed in fp32, see :func:`upcast_rows`) on CPUs without
+      native half arithmetic, where torch's half GEMM is ~50x slower than fp32 (not worth
+      measuring); where it is native, the step kernel or ``upcast``, measured on ``rows``
+      rows of ``matrices`` (one block's) and cached like :func:`choose`, because an emulated
+      half GEMM may still lose to fp32. A step kernel of ``upcast`` serves rows too.
+    """
+    w0 = matrices[0][0]
+    dtype, device = w0.dtype, w0.device
+    if dtype not in HALF or device.type != "cpu":
+        return "plain"
+    if step_kernel == "upcast":
+        return "upcast"
+    name = forced()
+    if name is not None:
+        return "upcast" if name == "upcast" else step_kernel
+    if not native_half(dtype):
+        return "upcast"
+    key = decision_key(f"{role} after {step_kernel}", [tuple(w.shape) for w, _ in matrices], dtype, f"{rows} rows")
+
+    def sample() -> Sample:
+        with torch.no_grad():
+            fns = {
+                step_kernel: [PreparedLinear(step_kernel, w, b, batch_bucket(rows)).mm for w, b in matrices],
+                "upcast": [upcast_rows(w, b) for w, b in matrices],
+            }
+            return time_passes(fns, _inputs(matrices, rows), rounds)
+
+    return _decided(key, [step_kernel, "upcast"], sample)

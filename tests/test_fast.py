@@ -78,7 +78,7 @@ def test_logits_parity_each_kernel(pair, kernel: str, B: int) -> None:
         want = hf(ids).logits
     with kernels.force(kernel):
         got = _fast_logits(model, ids)
-        assert fast.kernel_names(model) == {"blocks": kernel, "unembed": kernel}
+        assert fast.kernel_names(model) == {"blocks": kernel, "unembed": kernel, "prefill": "plain"}
     _close(got, want)
 
 
@@ -226,7 +226,7 @@ def test_generation_uses_fast_path_by_default(pair) -> None:
     model, _ = pair
     fast.release(model)
     model.generate(_ids(1, 4), max_new_tokens=2)
-    assert set(fast.kernel_names(model)) == {"blocks", "unembed"}
+    assert set(fast.kernel_names(model)) == {"blocks", "unembed", "prefill"}
 
 
 # --------------------------------------------------------------------- fallbacks
@@ -239,7 +239,7 @@ def test_feature_check_off_falls_back_to_plain(pair, monkeypatch: pytest.MonkeyP
     ids = _ids(2, 5)
     with kernels.force("mkldnn"), pytest.warns(UserWarning, match="not available"):
         got = _fast_logits(model, ids)
-    assert fast.kernel_names(model) == {"blocks": "plain", "unembed": "plain"}
+    assert fast.kernel_names(model) == {"blocks": "plain", "unembed": "plain", "prefill": "plain"}
     with torch.no_grad():
         _close(got, hf(ids).logits)
 
@@ -402,21 +402,40 @@ def test_decoder_sees_weight_edits_between_steps(make_checkpoint, kernel: str) -
 
 
 # --------------------------------------------------------------------- choosing
-def test_choice_is_measured_once_then_cached(pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choice_is_measured_then_cached(pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = pair
     blocks, E = fast._sources(model)
     chosen = kernels.choose("blocks test", blocks[:4], 1, rounds=2)
     assert chosen in KERNELS
     data = json.loads(kernels.cache_file().read_text())
     (entry,) = [v for k, v in data.items() if "blocks test" in k]
-    assert entry["kernel"] == chosen and set(entry["seconds_per_pass"]) == set(KERNELS)
-    # A fresh process (empty memo) reads the file instead of measuring again.
-    monkeypatch.setattr(kernels, "_decisions", {})
-    monkeypatch.setattr(kernels, "measure", lambda *a, **k: pytest.fail("measured again"))
-    assert kernels.choose("blocks test", blocks[:4], 1) == chosen
-    # The key names the host, the torch version, the shapes, the dtype and the batch bucket.
+    (sample,) = entry["samples"]
+    assert entry["kernel"] == chosen and set(sample["seconds_per_pass"]) == set(KERNELS)
+    assert sample["noise"] >= 1.0
+    # The key names the host, the torch version and threads, the shapes, the dtype and the batch bucket.
     key = next(iter(data))
     assert kernels.host_id() in key and torch.__version__ in key and "float32" in key and "batch 1" in key
+    assert f"{torch.get_num_threads()} threads" in key
+    # A settled decision: a fresh process (empty memo) reads the file instead of measuring again.
+    entry["settled"] = True
+    kernels.cache_file().write_text(json.dumps(data))
+    monkeypatch.setattr(kernels, "_decisions", {})
+    monkeypatch.setattr(kernels, "_sample", lambda *a, **k: pytest.fail("measured again"))
+    assert kernels.choose("blocks test", blocks[:4], 1) == chosen
+
+
+def _fake_samples(monkeypatch: pytest.MonkeyPatch, samples: list[tuple[dict[str, float], float]]) -> list[int]:
+    """Make choose() measure ``samples`` in turn (seconds per candidate, noise); returns a call counter."""
+    calls: list[int] = []
+
+    def sample(mats, cands, batch_size, rounds):
+        seconds, noise = samples[len(calls)]
+        calls.append(1)
+        return kernels.Sample({k: seconds[k] for k in cands}, noise)
+
+    monkeypatch.setattr(kernels, "available", lambda k, dtype, device="cpu": k != "upcast")
+    monkeypatch.setattr(kernels, "_sample", sample)
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -429,9 +448,56 @@ def test_choice_is_measured_once_then_cached(pair, tmp_path: Path, monkeypatch: 
 )
 def test_choice_prefers_the_cheaper_kernel_on_a_tie(pair, monkeypatch: pytest.MonkeyPatch, times, want) -> None:
     model, _ = pair
-    monkeypatch.setattr(kernels, "available", lambda k, dtype, device="cpu": True)
-    monkeypatch.setattr(kernels, "measure", lambda mats, cands, b, rounds=5: {k: times[k] for k in cands})
+    _fake_samples(monkeypatch, [(times, 1.0)])
     assert kernels.choose("tie test", fast._sources(model)[0][:4], 1) == want
+
+
+def test_a_quiet_clear_sample_settles_at_once(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = pair
+    calls = _fake_samples(monkeypatch, [({"plain": 2.0, "transposed": 1.5, "mkldnn": 1.0}, 1.02)])
+    mats = fast._sources(model)[0][:4]
+    assert kernels.choose("settle test", mats, 1) == "mkldnn"
+    monkeypatch.setattr(kernels, "_decisions", {})  # a fresh process
+    assert kernels.choose("settle test", mats, 1) == "mkldnn"
+    assert len(calls) == 1
+
+
+def test_a_decision_measured_under_load_does_not_stick(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's second fact: a busy machine slowed the fastest kernel in one measurement.
+    A noisy (or unclear) sample is used but measured again by the next processes, and the
+    decision comes from every candidate's best over all samples."""
+    model, _ = pair
+    busy = {"plain": 1.0, "transposed": 1.3, "mkldnn": 1.6}  # mkldnn hit by other processes
+    quiet_but_close = {"plain": 1.0, "transposed": 1.3, "mkldnn": 0.95}  # ahead, but not clearly
+    again = {"plain": 0.98, "transposed": 1.25, "mkldnn": 0.8}
+    calls = _fake_samples(monkeypatch, [(busy, 1.6), (quiet_but_close, 1.02), (again, 1.5)])
+    mats = fast._sources(model)[0][:4]
+    assert kernels.choose("load test", mats, 1) == "plain"  # what the busy sample says, for now
+    for want in ("mkldnn", "mkldnn"):  # each later process measures once more
+        monkeypatch.setattr(kernels, "_decisions", {})
+        assert kernels.choose("load test", mats, 1) == want
+    entry = next(v for k, v in json.loads(kernels.cache_file().read_text()).items() if "load test" in k)
+    assert entry["settled"] and len(entry["samples"]) == kernels.SAMPLES
+    monkeypatch.setattr(kernels, "_decisions", {})
+    assert kernels.choose("load test", mats, 1) == "mkldnn"  # settled: read, not measured
+    assert len(calls) == kernels.SAMPLES
+
+
+def test_time_passes_drops_hopeless_candidates_and_reports_noise() -> None:
+    x = [torch.randn(1, 64)]
+    fast_fn, slow_calls = (lambda t: t * 2), []
+
+    def slow(t):
+        slow_calls.append(1)
+        import time
+
+        time.sleep(0.02)
+        return t
+
+    s = kernels.time_passes({"quick": [fast_fn], "slow": [slow]}, x, rounds=3)
+    assert len(slow_calls) == 1  # the warm-up only
+    assert s.seconds["slow"] > kernels.HOPELESS * s.seconds["quick"]
+    assert s.noise >= 1.0
 
 
 def test_measuring_leaves_the_global_rng_alone(pair) -> None:
@@ -448,7 +514,7 @@ def test_env_var_forces_a_kernel(pair, monkeypatch: pytest.MonkeyPatch) -> None:
     for k in KERNELS:
         monkeypatch.setenv(kernels.ENV_KERNEL, k)
         _fast_logits(model, _ids(1, 3))
-        assert fast.kernel_names(model) == {"blocks": k, "unembed": k}
+        assert fast.kernel_names(model) == {"blocks": k, "unembed": k, "prefill": "plain"}
     monkeypatch.setenv(kernels.ENV_KERNEL, "fastest")
     with pytest.raises(ValueError, match="MINIGPT2_KERNEL='fastest'"):
         _fast_logits(model, _ids(1, 3))
