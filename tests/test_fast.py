@@ -140,6 +140,88 @@ def test_decoder_is_bit_identical_to_plain_model(make_checkpoint, config: str, p
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prompt_rows_are_bit_identical_to_plain_model(make_checkpoint, kernel: str) -> None:
+    """A prompt of more than kernels.ROWS rows runs the model's own addmm in fp32 whatever the
+    step kernel, and GELU by blocks of rows: the same bits as the plain model."""
+    directory, _ = make_checkpoint(seed=22, n_inner=200)  # GELU rows split 128 + rest
+    model = GPT2.from_pretrained(directory, device="cpu")
+    ids = _ids(2, 70, seed=5)  # 140 rows
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    with kernels.force(kernel), torch.inference_mode():
+        dec = _decoder(model, 2)
+        assert fast.kernel_names(model)["prefill"] == "plain"
+        for m in (None, mask):
+            positions = torch.arange(70)[None] if m is None else (m.cumsum(1) - 1).masked_fill(m == 0, 1)
+            got = dec.logits(dec.hidden(ids, positions, m, None, last_only=False))
+            want = model(ids, m, positions)
+            assert torch.equal(got, want)
+
+
+def _bf16_pair(make_checkpoint) -> tuple[GPT2, GPT2]:
+    directory, _ = make_checkpoint(seed=23)
+    return GPT2.from_pretrained(directory, device="cpu"), GPT2.from_pretrained(directory, device="cpu", dtype=torch.bfloat16)
+
+
+def _agree(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16 against fp32: within bf16 noise, and the same top-1 nearly everywhere."""
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("B, T", [(1, 6), (2, 50)])  # a decode-sized product, and > ROWS rows
+def test_upcast_kernel_for_half_precision(make_checkpoint, B: int, T: int) -> None:
+    """bf16 weights through their fp32 copy: results of bf16 weights computed in fp32."""
+    assert kernels.available("upcast", torch.bfloat16) and not kernels.available("upcast", torch.float32)
+    ref_model, model = _bf16_pair(make_checkpoint)
+    ids = _ids(B, T, seed=6)
+    with kernels.force("upcast"):
+        got = _fast_logits(model, ids)
+        assert fast.kernel_names(model) == {"blocks": "upcast", "unembed": "upcast", "prefill": "upcast"}
+        p = fast._prepared[model]
+        assert p.blocks[0].fp32.weight is not None and fast.extra_bytes(model) > 0
+    with torch.no_grad():
+        _agree(got, ref_model(ids))
+
+
+def test_half_prompt_without_native_half_is_computed_in_fp32(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's AMD host (no AVX512-bf16): torch's bf16 GEMM there is ~50x slower than fp32,
+    so a bf16 prompt runs in fp32 (weights converted per call) while steps keep their kernel."""
+    ref_model, model = _bf16_pair(make_checkpoint)
+    monkeypatch.setattr(kernels, "native_half", lambda dtype: False)
+    ids = _ids(2, 50, seed=7)
+    monkeypatch.setattr(kernels, "choose", lambda *a, **k: "plain")  # the step kernel: plain bf16
+    got = _fast_logits(model, ids)
+    assert fast.kernel_names(model) == {"blocks": "plain", "unembed": "plain", "prefill": "upcast"}
+    assert fast.extra_bytes(model) == 0  # converted per call, no copy kept
+    with torch.no_grad():
+        _agree(got, ref_model(ids))
+        # The same arithmetic as a bf16 GEMM with fp32 accumulation: each product of the
+        # prompt is the fp32 product of the bf16 operands, rounded once.
+        c = model.transformer.h[0].attn.c_attn
+        x = torch.randn(80, c.nx, generator=torch.Generator().manual_seed(0)).bfloat16()
+        rows = fast._prepared[model].rows[0]
+        assert torch.equal(rows(x), torch.addmm(c.bias.float(), x.float(), c.weight.float()).bfloat16())
+
+
+def test_half_prompt_choice_is_measured_where_native(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where half arithmetic is native, the prompt kernel is measured (an emulated bf16 GEMM
+    may lose to fp32); without it, upcast is taken unmeasured; fp32 is always plain."""
+    model, _ = pair
+    mats = [(w.bfloat16(), b.bfloat16()) for w, b in fast._sources(model)[0][:4]]
+    seen = []
+    monkeypatch.setattr(kernels, "time_passes", lambda fns, xs, rounds: seen.append(set(fns)) or kernels.Sample(
+        {"plain": 2.0, "upcast": 1.0}, 1.0))
+    monkeypatch.setattr(kernels, "native_half", lambda dtype: True)
+    assert kernels.choose_rows("rows test", mats, "plain") == "upcast"
+    assert seen == [{"plain", "upcast"}]
+    monkeypatch.setattr(kernels, "native_half", lambda dtype: False)
+    assert kernels.choose_rows("rows test 2", mats, "plain") == "upcast" and len(seen) == 1
+    assert kernels.choose_rows("rows test", fast._sources(model)[0][:4], "mkldnn") == "plain"
+    assert kernels.choose_rows("rows test", mats, "upcast") == "upcast"
+
+
 def test_bf16_fused_gelu_is_closer_to_the_exact_function() -> None:
     """The fast path's bf16 GELU (fused, one rounding) against the 8-step bf16 formula, both
     measured against the formula in float64 on the same bf16 inputs."""
