@@ -112,9 +112,9 @@ def _steps(model: GPT2, ids: torch.Tensor, mask: torch.Tensor | None, forward) -
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_decoder_is_bit_identical_to_plain_model(make_checkpoint, config: str, padded: bool, dtype) -> None:
     """With the plain kernel the Decoder does the model's arithmetic exactly: same bits, every
-    step. The one exception is by design: GPT-2's GELU in bf16 is PyTorch's fused tanh GELU
-    (computed in fp32, rounded once) rather than 8 bf16-rounded steps; there the logits must
-    stay within bf16 noise and pick the same tokens."""
+    step. The one exception is by design: GPT-2's GELU (gelu_new) is PyTorch's fused tanh
+    GELU, within an ulp of the 8-step formula in fp32 (logits within 1e-5 relative, the same
+    top-1 everywhere) and computed in fp32 and rounded once in bf16 (within bf16 noise)."""
     directory, _ = make_checkpoint(seed=21, **CONFIGS[config])
     model = GPT2.from_pretrained(directory, device="cpu", dtype=dtype)
     ids = _ids(3, 9, seed=4)
@@ -131,10 +131,14 @@ def test_decoder_is_bit_identical_to_plain_model(make_checkpoint, config: str, p
         dec = _decoder(model, 3)
         want = _steps(model, ids, mask, plain)
         got = _steps(model, ids, mask, dec)
-    if dtype == torch.bfloat16 and model.config.activation_function == "gelu_new":
+    if model.config.activation_function == "gelu_new":
         for g, w in zip(got, want):
-            assert (g - w).abs().max() <= 0.05 * w.abs().max()
-            assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.66
+            if dtype == torch.float32:
+                assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+                assert torch.equal(g.argmax(-1), w.argmax(-1))
+            else:
+                assert (g - w).abs().max() <= 0.05 * w.abs().max()
+                assert (g.argmax(-1) == w.argmax(-1)).float().mean() >= 0.66
         return
     for g, w in zip(got, want):
         assert torch.equal(g, w)
@@ -143,8 +147,8 @@ def test_decoder_is_bit_identical_to_plain_model(make_checkpoint, config: str, p
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_prompt_rows_are_bit_identical_to_plain_model(make_checkpoint, kernel: str) -> None:
     """A prompt of more than kernels.ROWS rows runs the model's own addmm in fp32 whatever the
-    step kernel, and GELU by blocks of rows: the same bits as the plain model."""
-    directory, _ = make_checkpoint(seed=22, n_inner=200)  # GELU rows split 128 + rest
+    step kernel: the same bits as the plain model."""
+    directory, _ = make_checkpoint(seed=22, activation_function="gelu_pytorch_tanh")  # exact in the Decoder too
     model = GPT2.from_pretrained(directory, device="cpu")
     ids = _ids(2, 70, seed=5)  # 140 rows
     mask = torch.ones_like(ids)
@@ -234,15 +238,17 @@ def test_bf16_fused_gelu_is_closer_to_the_exact_function() -> None:
     assert fused < stepwise
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gelu_new_in_place_matches_the_formula(dtype) -> None:
+def test_fused_gelu_is_within_float32_rounding_of_gpt2s_formula() -> None:
+    """fp32: PyTorch's fused tanh GELU against NewGELUActivation's 8 steps, on the range
+    activations take: never further apart than 2 x float32's eps x |x| (measured here: up to
+    1.01 eps |x|; relative to the result it can be more, where tanh is near -1 and the
+    result tiny)."""
     from minigpt2.model import NewGELUActivation
 
-    g = torch.Generator().manual_seed(0)
-    for scale in (0.01, 1.0, 4.0, 100.0):
-        x = (torch.randn(5, 3072, generator=g) * scale).to(dtype)
-        want = NewGELUActivation()(x)
-        assert torch.equal(fast.gelu_new_(x.clone()), want)
+    x = torch.cat([torch.randn(500_000, generator=torch.Generator().manual_seed(2)) * s for s in (0.01, 1.0, 4.0, 30.0)])
+    fused, formula = fast._gelu_tanh(x), NewGELUActivation()(x)
+    assert ((fused - formula).abs() <= 2 * torch.finfo(torch.float32).eps * x.abs()).all()
+    assert not torch.equal(fused, formula)  # not the same bits: why the Decoder is tested with a tolerance
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
