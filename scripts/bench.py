@@ -1,9 +1,22 @@
-"""minigpt2 against transformers, in one process, on one random-weight checkpoint.
+"""minigpt2 against transformers and the CPU engines a user would pick instead, in one process.
 
-    python scripts/bench.py                      # 124M gpt2 shape, full run (< 10 min on 2 cores)
-    python scripts/bench.py --size medium        # medium / large / xl shapes
+    python scripts/bench.py --json bench.json    # the full report (~20 min on 2 cores)
     python scripts/bench.py --quick              # a short smoke run (fewer tokens, one run)
-    python scripts/bench.py --json out.json --plot out.png
+    python scripts/bench.py --size medium        # medium / large / xl shapes for the main table
+    python scripts/bench.py --skip-peers --skip-xl --plot out.png
+
+The full report, one random-weight checkpoint of the 124M shape unless said:
+
+1. the main table: minigpt2 against transformers (decode at batch 1 and 8 in fp32 and
+   bf16, sampling, long context, prefill, kernels, memory, training);
+2. the peers (``--skip-peers`` to leave out): ONNX Runtime on a torch.onnx export and
+   llama.cpp (llama-cpp-python) on a GGUF converted by llama.cpp's own script, on the same
+   weights, batch 1, each one's greedy tokens checked against transformers' first
+   (scripts/bench_peers.py; ``pip install -e ".[bench]"``, skipped with a line otherwise);
+3. the prefill floor: a 1000-token prompt's GEMMs and attention timed alone, against the
+   whole prefill, fp32 and bf16;
+4. the gpt2-xl shape (``--skip-xl`` to leave out): decode at batch 1 in fp32 and bf16, and
+   the load's peak memory (random weights written tensor by tensor, 6.2 GB on disk).
 
 What is timed is the path a user takes: ``GPT2.from_pretrained(dir)`` (or with
 ``dtype=torch.bfloat16``) and ``model.generate(...)`` with no extra flags, against
@@ -159,6 +172,9 @@ class Bench:
         self.args = args
         self.rows: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
+        self.peers: list[dict[str, Any]] = []  # the peer table (peer_rows)
+        self.floor: dict[str, Any] = {}  # the prefill floor (floor_rows)
+        self.xl: dict[str, Any] = {}  # the gpt2-xl shape rows (xl_rows)
         self.ours = minigpt2.GPT2.from_pretrained(directory, device="cpu")
         self.ours_bf16 = minigpt2.GPT2.from_pretrained(directory, device="cpu", dtype=torch.bfloat16)
         self.hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
@@ -321,6 +337,245 @@ def training_rows(bench: Bench) -> None:
                   r["transformers_tok_s"], "tok/s")
 
 
+# --------------------------------------------------------------------------- the limit
+def limits(bench: Bench) -> dict[str, float]:
+    """tokens/s at batch 1 that the read bandwidth allows, fp32 and half precision (bf16 and
+    f16 weights have the same bytes): the best summing rate of the run / the matrix bytes."""
+    out = {}
+    for key, model, dtype in (("fp32", bench.ours, torch.float32), ("half", bench.ours_bf16, torch.bfloat16)):
+        nbytes = matrix_bytes(model)
+        bw = max(bench.extra.get(f"bw_{'fp32' if key == 'fp32' else 'bf16'}", []) + [bandwidth(nbytes, dtype)])
+        out[key] = bw / nbytes
+        out[f"{key}_GBps"] = bw / 1e9
+    return out
+
+
+# --------------------------------------------------------------------------- prefill floor
+def prefill_floor(model: Any, n_tokens: int) -> float:
+    """Seconds for a prompt's unavoidable work alone: every block's four products on
+    n_tokens rows through the kernels the fast path runs for prompts, causal attention over
+    the prompt per layer (the SDPA kernel the fast path calls), and the unembedding of the
+    last row. What a prefill costs beyond this is everything else (norms, GELU, cache, ...)."""
+    import torch.nn.functional as F
+
+    c = model.config
+    p = fast._prepared.get(model)
+    if p is None:  # prepare the kernels as generate does
+        model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=1)
+        p = fast._prepared[model]
+    g = torch.Generator().manual_seed(0)
+    x_in = {n: torch.randn(n_tokens, n, generator=g).to(model.dtype) for n in (c.n_embd, c.inner_dim)}
+    q = torch.randn(1, c.n_head, n_tokens, c.head_dim, generator=g).to(model.dtype)
+    last = torch.randn(1, c.n_embd, generator=g).to(model.dtype)
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(c.n_layer):
+            for j, mm in enumerate(p.rows[4 * i : 4 * i + 4]):
+                x = x_in[c.inner_dim if j == 3 else c.n_embd]
+                total += timed(lambda: mm(x))
+            total += timed(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+        total += timed(lambda: p.unembed.mm(last))
+    return total
+
+
+def floor_rows(bench: Bench) -> None:
+    """The prefill against its own floor (prefill_floor), fp32 and bf16, interleaved in
+    rounds: time to the first token of a 1000-token prompt (generate, max_new_tokens=1)."""
+    n = min(100 if bench.args.quick else 1000, bench.ours.config.n_positions - 1)
+    ids = bench.prompt(1, n)
+    fns = {
+        "fp32": bench.ours_gen(bench.ours, ids, 1),
+        "fp32 floor": lambda: prefill_floor(bench.ours, n),
+        "bf16": bench.ours_gen(bench.ours_bf16, ids, 1),
+        "bf16 floor": lambda: prefill_floor(bench.ours_bf16, n),
+    }
+    floors: dict[str, list[float]] = {"fp32 floor": [], "bf16 floor": []}
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(bench.args.runs):
+        for k, f in fns.items():
+            if k in floors:
+                floors[k].append(f())  # its own sum of kernel times
+            else:
+                times[k].append(timed(f))
+    for key in ("fp32", "bf16"):
+        t, fl = statistics.median(times[key]), statistics.median(floors[f"{key} floor"])
+        bench.floor[key] = {"tokens": n, "prefill_s": t, "floor_s": fl, "share": t / fl,
+                            "kernel": fast.kernel_names(bench.ours if key == "fp32" else bench.ours_bf16)["prefill"]}
+        bench.add(f"prefill {key} {n} tokens against its floor (GEMMs + SDPA alone {fl:.3f} s; prefill / floor)",
+                  t / fl, None, "x", higher_is_better=False)
+    ratio = statistics.median(times["bf16"]) / statistics.median(times["fp32"])
+    bench.floor["bf16_over_fp32"] = ratio
+    bench.add(f"prefill bf16 / prefill fp32, {n} tokens (kernel {bench.floor['bf16']['kernel']})", ratio, None, "x",
+              higher_is_better=False)
+
+
+# --------------------------------------------------------------------------- peers
+def peer_rows(bench: Bench, workdir: Path) -> None:
+    """minigpt2 against ONNX Runtime and llama.cpp at batch 1, the issue's table: tokens/s
+    (prompt 16, 128 new), share of the bandwidth limit, prefill of a 1000-token prompt. Every
+    engine's greedy tokens are checked against transformers' before it is timed, then all
+    run interleaved in rounds (median of --peer-runs)."""
+    import bench_peers as bp
+
+    a = bench.args
+    new = 16 if a.quick else 128
+    prompt = bench.prompt(1, 16)
+    long = bench.prompt(1, min(100 if a.quick else 1000, bench.ours.config.n_positions - 1))
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        want = bench.hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=bench.eos)[0, 16:].tolist()
+
+    def ours(model: Any) -> dict[str, Any]:
+        return {"greedy": lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new)[0, 16:].tolist(),
+                "decode": bench.ours_gen(model, prompt, new), "prefill": bench.ours_gen(model, long, 1)}
+
+    # (engine, weights) -> greedy / decode / prefill callables
+    engines: dict[tuple[str, str], dict[str, Any]] = {
+        ("minigpt2", "fp32"): ours(bench.ours),
+        ("minigpt2", "bf16"): ours(bench.ours_bf16),
+        ("transformers", "fp32"): {"greedy": lambda: want, "decode": bench.hf_gen(prompt, new),
+                                   "prefill": bench.hf_gen(long, 1)},
+    }
+    cache = Path.home() / ".cache" / "minigpt2" / "peers"
+    converter: list[Path] = []
+
+    def llama(outtype: str, fa: bool) -> Any:
+        if not converter:
+            converter.append(bp.find_converter(a.gguf_converter, cache))
+        return bp.LlamaCppPeer(a.checkpoint_dir, workdir, outtype, fa, threads, converter[0],
+                               n_ctx=bench.ours.config.n_positions)
+
+    makers = [
+        ("ONNX Runtime (torch.onnx export) fp32", lambda: bp.OnnxRuntimePeer(bench.ours, workdir, threads)),
+        ("llama.cpp f32", lambda: llama("f32", False)),
+        ("llama.cpp (flash attention) f32", lambda: llama("f32", True)),
+        ("llama.cpp (flash attention) f16", lambda: llama("f16", True)),
+    ]
+    peers: list[Any] = []
+    for label, make in makers:
+        try:
+            peer = make()
+        except bp.PeerUnavailable as e:
+            print(f"# peer {label}: skipped: {e}")
+            bench.peers.append({"engine": label, "skipped": str(e)})
+            continue
+        peers.append(peer)
+        engines[(peer.name, peer.weights)] = {
+            "greedy": lambda p=peer: p.greedy(prompt[0].tolist(), new),
+            "decode": lambda p=peer: p.greedy(prompt[0].tolist(), new),
+            "prefill": lambda p=peer: p.prefill(long[0].tolist()),
+            "prepare_s": peer.prepare_s,
+        }
+    for e in engines.values():
+        e["first_difference"] = bp.first_difference(e["greedy"](), want)
+    decode = interleaved({k: e["decode"] for k, e in engines.items()}, a.peer_runs)
+    prefill = interleaved({k: e["prefill"] for k, e in engines.items()}, a.peer_runs)
+    lim = limits(bench)
+    print(f"\n# peers: batch 1, prompt 16, {new} new tokens, {threads} threads, median of {a.peer_runs}; limits "
+          f"{lim['fp32']:.1f} tok/s fp32 ({lim['fp32_GBps']:.1f} GB/s), {lim['half']:.1f} tok/s bf16 / f16 "
+          f"({lim['half_GBps']:.1f} GB/s)")
+    print(f"| engine | weights | tok/s | share of the limit | prefill, {long.shape[1]} tokens (s) | greedy vs transformers |")
+    print("|---|---|---|---|---|---|")
+    table = {}
+    for (engine, weights), e in engines.items():
+        tps = new / decode[(engine, weights)]
+        limit = lim["fp32"] if weights in ("fp32", "f32") else lim["half"]
+        diff = e["first_difference"]
+        same = f"all {new} equal" if diff is None else f"differ from step {diff}"
+        row = {"engine": engine, "weights": weights, "tok_s": tps, "share": tps / limit,
+               "prefill_s": prefill[(engine, weights)], "greedy": same, "prepare_s": e.get("prepare_s")}
+        table[(engine, weights)] = row
+        bench.peers.append(row)
+        print(f"| {engine} | {weights} | {tps:.1f} | {100 * tps / limit:.0f}% | {row['prefill_s']:.3f} | {same} |")
+    for (engine, weights), r in table.items():
+        if engine.startswith(("ONNX", "llama")):
+            mine = table[("minigpt2", "fp32" if weights in ("fp32", "f32") else "bf16")]
+            for what, ours_v, theirs_v, unit, hib in (("decode batch 1", mine["tok_s"], r["tok_s"], "tok/s", True),
+                                                      (f"prefill {long.shape[1]} tokens", mine["prefill_s"],
+                                                       r["prefill_s"], "s", False)):
+                ratio = ours_v / theirs_v if hib else theirs_v / ours_v
+                row = {"figure": f"{what}, minigpt2 {mine['weights']} vs {engine} {weights} ({unit})",
+                       "minigpt2": ours_v, "transformers": None, "peer": theirs_v, "unit": unit, "ratio": ratio}
+                bench.rows.append(row)
+                print(f"| {row['figure']} | {_fmt(ours_v)} | peer {_fmt(theirs_v)} | {ratio:.2f}x |")
+    for p in peers:
+        p.close()
+
+
+# --------------------------------------------------------------------------- gpt2-xl shape
+def write_random_checkpoint(directory: Path, size: str, seed: int = 0) -> int:
+    """A checkpoint of the given shape with random weights (N(0, 0.02) matrices, LayerNorms
+    near 1, small biases), streamed to model.safetensors one tensor at a time so that even
+    the xl shape (6.2 GB) never sits in memory whole. Returns the weight bytes."""
+    import struct
+
+    config = minigpt2.GPT2Config(**SIZES[size])
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in minigpt2.GPT2(config).state_dict().items() if k != "lm_head.weight"}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for k, shape in shapes.items():
+        n = 4 * int(torch.Size(shape).numel())
+        header[k] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    g = torch.Generator().manual_seed(seed)
+    with open(directory / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for k, shape in shapes.items():
+            t = torch.randn(shape, generator=g)
+            if k.endswith(".bias"):
+                t.mul_(0.01)
+            elif ".ln_" in k or k.startswith("transformer.ln_f"):
+                t.mul_(0.01).add_(1.0)
+            else:
+                t.mul_(0.02)
+            f.write(t.numpy().tobytes())
+    (directory / "config.json").write_text(json.dumps({**config.to_dict(), "model_type": "gpt2"}))
+    return offset
+
+
+def xl_rows(bench: Bench) -> None:
+    """gpt2-xl shape (1.56B parameters): decode at batch 1 in fp32 and bf16 (prompt 16, 64
+    new tokens) with its share of the bandwidth limit, and the load's peak memory."""
+    import inspect
+
+    n_new = 64
+    with tempfile.TemporaryDirectory(prefix="minigpt2-xl-") as d:
+        t = time.perf_counter()
+        write_random_checkpoint(Path(d), "xl")
+        print(f"# xl checkpoint written in {time.perf_counter() - t:.0f} s")
+        r = load_peak_rss(Path(d))
+        bench.xl["load_rss"] = r
+        bench.add("xl: load peak RSS, fp32 (x weight bytes)", r["multiple"], None, "x", higher_is_better=False)
+        ids = bench.prompt(1, 16)
+        for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            model = minigpt2.GPT2.from_pretrained(d, device="cpu", dtype=dtype)
+            nbytes = matrix_bytes(model)
+            bw = bandwidth(nbytes, dtype)
+            tps = n_new / interleaved({key: bench.ours_gen(model, ids, n_new)}, max(1, bench.args.runs))[key]
+            bw = max(bw, bandwidth(nbytes, dtype))
+            limit = bw / nbytes
+            bench.xl[key] = {"tok_s": tps, "limit_tok_s": limit, "GBps": bw / 1e9, "share": tps / limit,
+                             "kernels": fast.kernel_names(model)}
+            bench.add(f"xl: decode {key} batch 1 (tokens/s; {100 * tps / limit:.0f}% of the {limit:.1f} tok/s limit)",
+                      tps, None, "tok/s")
+            if key == "fp32" and "assistant_model" in inspect.signature(minigpt2.GPT2.generate).parameters:
+                small = minigpt2.GPT2.from_pretrained(bench.args.checkpoint_dir, device="cpu")
+                run = bench.ours_gen(model, ids, n_new, assistant_model=small)
+                tps_a = n_new / interleaved({"a": run}, max(1, bench.args.runs))["a"]
+                bench.xl["fp32_assisted"] = {"tok_s": tps_a}
+                bench.add("xl: decode fp32 batch 1 with assistant_model=gpt2 shape (random weights: few accepted)",
+                          tps_a, None, "tok/s")
+                del small
+            del model
+            gc.collect()
+
+
 # --------------------------------------------------------------------------- output
 def _fmt(v: Any) -> str:
     if v is None:
@@ -366,11 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed runs per figure, after one warm-up (median)")
     p.add_argument("--quick", action="store_true", help="short smoke run: fewer tokens, one run, no large-shape load")
     p.add_argument("--skip-large", action="store_true", help="skip the gpt2-large load-memory figure")
+    p.add_argument("--skip-peers", action="store_true", help="skip ONNX Runtime and llama.cpp")
+    p.add_argument("--skip-xl", action="store_true", help="skip the gpt2-xl shape rows")
+    p.add_argument("--peer-runs", type=int, default=5, help="timed runs per engine in the peer table (median)")
+    p.add_argument("--gguf-converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py (default: fetched)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--plot", type=Path, help="draw tokens/s against batch size and dtype (needs matplotlib)")
     args = p.parse_args(argv)
     if args.quick:
-        args.runs = 1
+        args.runs, args.peer_runs = 1, 1
     h = host()
     print(f"# minigpt2 bench: {args.size}; CPU {h['cpu']}; {h['cores']} cores; torch {h['torch']}; "
           f"load average {h['load_average']}")
@@ -380,14 +639,24 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint_dir = make_checkpoint(Path(d), args.size)
         bench = Bench(args, args.checkpoint_dir)
         bench.run()
+        floor_rows(bench)
+        if args.size == "tiny":
+            print("# peers: skipped for the tiny shape (its vocabulary is not GPT-2's, which llama.cpp's converter needs)")
+        elif not args.skip_peers:
+            peer_rows(bench, Path(d))
         del bench.hf
         gc.collect()
         training_rows(bench)
+        if not args.skip_xl and not args.quick:
+            del bench.ours, bench.ours_bf16
+            gc.collect()
+            xl_rows(bench)
     elapsed = time.perf_counter() - start
     print(f"# total {elapsed:.0f} s")
     if args.json:
         out = {"host": h, "size": args.size, "runs": args.runs, "quick": args.quick, "seconds": elapsed,
-               "rows": bench.rows, "details": bench.extra}
+               "rows": bench.rows, "details": bench.extra, "peers": bench.peers, "floor": bench.floor,
+               "xl": bench.xl}
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     if args.plot:
         plot(args.plot, bench)
