@@ -66,9 +66,11 @@ QUIET = 1.10
 CLEAR = 0.10
 SAMPLES = 3
 
-#: After the warm-up round, a candidate this many times slower than the fastest is not timed
-#: further (torch's bf16 fallback on a CPU without bf16 can be 50x slower than fp32).
+#: After the first timed round, a candidate this many times slower than the fastest is not
+#: timed further; one ABSURD times slower than the fastest is cut short in the warm-up
+#: already (torch's bf16 fallback on a CPU without bf16 can be 50x slower than fp32).
 HOPELESS = 4.0
+ABSURD = 30.0
 
 #: Products with more rows than this (a prompt's prefill, large batches) are compute-bound
 #: GEMMs, not weight streaming: they have their own kernel choice (:func:`choose_rows`).
@@ -458,21 +460,26 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
 
     A pass's time is the sum over matrices of each matrix's best time over the rounds: a
     preemption by another process spoils one matrix of one round, not the whole pass. A
-    candidate more than HOPELESS times slower than the fastest in the warm-up round is not
-    timed further (its warm-up time stands). ``noise`` is the largest ratio of a candidate's
-    median round total to its best one.
+    candidate more than HOPELESS times slower than the fastest in the first timed round is
+    not timed further (the warm-up round holds one-time costs, such as oneDNN generating its
+    kernels, so it decides nothing; only a candidate ABSURD times slower than the fastest
+    finished one is cut short there). ``noise`` is the largest ratio of a candidate's median
+    round total to its best one.
     """
     clock = time.perf_counter
     warm: dict[str, float] = {}
     for k, f in fns.items():  # warm-up: caches, oneDNN's kernel selection, page faults
+        limit = ABSURD * min(warm.values(), default=float("inf"))
         t = clock()
         for fn, x in zip(f, xs):
             fn(x)
+            if clock() - t > limit:
+                break
         warm[k] = clock() - t
-    live = [k for k in fns if warm[k] <= HOPELESS * min(warm.values())]
+    live = [k for k in fns if warm[k] <= ABSURD * min(warm.values())]
     best = {k: [float("inf")] * len(xs) for k in live}
     totals: dict[str, list[float]] = {k: [] for k in live}
-    for _ in range(rounds):
+    for r in range(rounds):
         for k in live:
             per = best[k]
             total = 0.0
@@ -484,8 +491,11 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
                 if dt < per[i]:
                     per[i] = dt
             totals[k].append(total)
+        if r == 0:
+            fastest = min(totals[k][0] for k in live)
+            live = [k for k in live if totals[k][0] <= HOPELESS * fastest]
     seconds = {k: (sum(best[k]) if k in best else warm[k]) for k in fns}
-    noise = max((statistics.median(v) / max(min(v), 1e-12) for v in totals.values() if v), default=1.0)
+    noise = max((statistics.median(v) / max(min(v), 1e-12) for v in totals.values() if len(v) > 1), default=1.0)
     return Sample(seconds, noise)
 
 

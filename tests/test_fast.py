@@ -572,19 +572,29 @@ def test_a_decision_measured_under_load_does_not_stick(pair, monkeypatch: pytest
 
 
 def test_time_passes_drops_hopeless_candidates_and_reports_noise() -> None:
+    import time
+
     x = [torch.randn(1, 64)]
-    fast_fn, slow_calls = (lambda t: t * 2), []
+    calls: dict[str, int] = {"slow": 0, "jit": 0, "absurd": 0}
 
-    def slow(t):
-        slow_calls.append(1)
-        import time
+    def sleeper(name: str, seconds: float, first: float | None = None):
+        def fn(t):
+            calls[name] = calls.get(name, 0) + 1
+            time.sleep(first if first is not None and calls[name] == 1 else seconds)
+            return t
 
-        time.sleep(0.02)
-        return t
+        return [fn]
 
-    s = kernels.time_passes({"quick": [fast_fn], "slow": [slow]}, x, rounds=3)
-    assert len(slow_calls) == 1  # the warm-up only
+    s = kernels.time_passes({
+        "quick": sleeper("quick", 0.004),
+        "slow": sleeper("slow", 0.05),  # 12x: timed once after the warm-up, then dropped
+        "jit": sleeper("jit", 0.004, first=0.04),  # a one-time cost in the warm-up decides nothing
+        "absurd": sleeper("absurd", 0.5),  # cut short in the warm-up
+    }, x, rounds=3)  # fmt: skip
+    assert calls == {"quick": 4, "slow": 2, "jit": 4, "absurd": 1}
     assert s.seconds["slow"] > kernels.HOPELESS * s.seconds["quick"]
+    assert s.seconds["jit"] < 2 * s.seconds["quick"]
+    assert s.seconds["absurd"] >= 0.5
     assert s.noise >= 1.0
 
 
