@@ -32,8 +32,11 @@ weights are rebuilt when a source weight changes: they are keyed on each tensor'
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,6 +65,7 @@ class _Prepared:
     rows: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)  # (N, in) -> (N, out)
     keys: list[tuple] = field(default_factory=list)  # source_key of every weight it was built from
     forced: str | None = None  # kernels.forced() when it was built
+    threads: StepThreads | None = None  # the decode steps' thread count (StepThreads)
 
     @property
     def extra_bytes(self) -> int:
@@ -171,7 +175,11 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
         # Decide on enough blocks to stream from memory (all blocks share their shapes), and
         # on the unembedding; then how the block matrices take many rows (a prompt).
         block_kernel = kernels.choose(role, _sample(blocks), bucket)
-        unembed_kernel = kernels.choose("unembed", [(E, None)], bucket)
+        if block_kernel == "numpy":  # a step runs on numpy's threads: no torch kernel among them
+            unembed_kernel = "numpy"
+        else:
+            unembed_kernel = kernels.choose("unembed", [(E, None)], bucket,
+                                            candidates=[k for k in kernels.KERNELS if k != "numpy"])  # fmt: skip
         rows_kernel = kernels.choose_rows(role, blocks[:4], block_kernel)
         p = _prepared.get(model)
         if (
@@ -284,6 +292,13 @@ class Decoder:
         self.unembed = p.unembed.mm
         # What ready() looks at before every step, gathered once: the hooks, and the weights
         # the prepared copies were made from (their version counters and addresses).
+        # The decode steps' thread count: one for torch when numpy's BLAS does the products,
+        # else StepThreads (kept with the prepared kernels across generate calls).
+        self.user_threads = torch.get_num_threads()
+        self.numpy_step = p.block_kernel == "numpy" and p.unembed_kernel == "numpy" and self.user_threads > 1
+        self.blas_threads = kernels.numpy_blas_threads() if self.numpy_step else None
+        self._probe_x = (torch.ones(1, c.n_embd, dtype=model.dtype), torch.ones(1, c.inner_dim, dtype=model.dtype))
+        self.threads = p.threads = StepThreads.current_for(p.threads)
         self._hooks = hooks or _HookWatch(model)
         weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
         # (Inference tensors have no version counter, and cannot be edited outside inference mode.)
@@ -345,8 +360,164 @@ class Decoder:
     def __call__(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor:
-        """fp32 logits of the last position [B, V]; the cache (if any) is appended to."""
-        return self.unembed(self.hidden(ids, positions, mask, cache)).float()
+        """fp32 logits of the last position [B, V]; the cache (if any) is appended to.
+        Decode steps (up to kernels.ROWS rows) run on the thread count ``threads`` picks."""
+        if ids.numel() > kernels.ROWS or (self.threads is None and not self.numpy_step):
+            return self.unembed(self.hidden(ids, positions, mask, cache)).float()
+        threads = self.threads
+        n = self.user_threads if threads is None else threads.next()  # 1 or the full team
+        t = time.perf_counter()
+        with self._on(n):
+            logits = self.unembed(self.hidden(ids, positions, mask, cache)).float()
+        if threads is not None:
+            threads.record(n, time.perf_counter() - t)
+            if n == 1 and threads.probe_due():
+                threads.probed(self._probe(threads.n, 0), self._probe(1, 1))
+        return logits
+
+    @contextlib.contextmanager
+    def _on(self, n: int) -> Iterator[None]:
+        """Run the products on ``n`` threads (1, or the full team), restoring the settings after:
+        torch's, and for the numpy kernel OpenBLAS's (torch then runs on one thread, since the
+        products are OpenBLAS's and two spinning thread pools slow each other down)."""
+        single = n == 1
+        before = torch.get_num_threads()
+        if self.numpy_step or single:
+            torch.set_num_threads(1)
+        if self.numpy_step and single:
+            kernels.set_numpy_blas_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+            if self.numpy_step and single:
+                kernels.set_numpy_blas_threads(self.blas_threads)
+
+    def _probe(self, n: int, layer: int) -> float:
+        """Seconds for one block's three large products on n threads, after an untimed product
+        that wakes the team (a step pays that once, not once per product). The team and the
+        single thread are timed on different blocks, so neither finds its weights in cache."""
+        blocks, i = self.p.blocks, 4 * min(layer, len(self.layers) - 1)
+        x, h = self._probe_x
+        with self._on(n):
+            blocks[i + 1].mm(x)
+            t = time.perf_counter()
+            blocks[i].mm(x)
+            blocks[i + 2].mm(x)
+            blocks[i + 3].mm(h)
+            return time.perf_counter() - t
+
+
+ENV_THREADS = "MINIGPT2_ADAPTIVE_THREADS"
+
+
+class StepThreads:
+    """How many threads a decode step runs on: the full team (torch's setting), or one thread
+    while other processes compete for the cores.
+
+    A decode step runs ~60 parallel regions (each matrix product, each attention) of a team
+    that waits at the end of each region for its slowest thread. When another process holds
+    one of the cores, each region can wait a scheduler time slice for the thread that is not
+    running: on a 2-core host here a 124M fp32 step went from 16 ms to 0.3-2 s when other
+    processes woke up, while the same step on one thread took 21-31 ms throughout. So:
+
+    - the first step runs on one thread (``fastest[1]``: what one thread does), then the team
+      is probed with a single matrix product on the team and on one thread (a whole step on
+      a contended team could cost seconds); the steps move to the team when its product is
+      clearly faster (``BETTER``). On a quiet machine that first step and the probe are all
+      that is ever spent;
+    - a team step slower than ``TRIGGER`` x the fastest one-thread step moves the steps back
+      to one thread at once;
+    - on one thread, the team is probed again after ``interval`` steps; the interval doubles
+      whenever the team disappoints (a failed probe, a slow team step) and starts over after
+      a long run of good team steps.
+
+    The state lives with the model's prepared kernels, so it carries over between generate
+    calls. Thread counts are process-wide (torch's, and OpenBLAS's for the numpy kernel):
+    the Decoder sets them for the step and restores them right after (the user's settings
+    hold between steps). ``MINIGPT2_ADAPTIVE_THREADS=0`` keeps them for every step.
+    """
+
+    TRIGGER = 2.0
+    BETTER = 0.75
+    FIRST_INTERVAL, MAX_INTERVAL = 4, 512
+    GOOD_RUN = 64  # team steps without a slow one after which the interval starts over
+
+    def __init__(self, n: int) -> None:
+        self.n = n  # the full team: torch's setting
+        self.current = 1
+        self.fastest = {n: float("inf"), 1: float("inf")}
+        self.interval, self.countdown = self.FIRST_INTERVAL, 1  # probe after the first step
+        self.good = 0  # team steps in a row that were not slow
+        self.switches = 0  # how often the choice changed (tests, the bench)
+
+    @classmethod
+    def current_for(cls, previous: StepThreads | None) -> StepThreads | None:
+        """``previous`` if it still applies (same torch setting), a fresh one if not, None when
+        there is nothing to choose (one thread) or the choice is switched off."""
+        n = torch.get_num_threads()
+        if n <= 1 or os.environ.get(ENV_THREADS, "1").strip() == "0":
+            return None
+        return previous if previous is not None and previous.n == n else cls(n)
+
+    def next(self) -> int:
+        """The thread count for the next step."""
+        return self.current
+
+    def record(self, n: int, seconds: float) -> None:
+        """A step took ``seconds`` on ``n`` threads."""
+        self.fastest[n] = min(self.fastest[n], seconds)
+        if n != self.n:
+            return
+        if seconds > self.TRIGGER * self.fastest[1]:
+            self._back_off()
+            self._switch(1)
+        else:
+            self.good += 1
+            if self.good >= self.GOOD_RUN:
+                self.interval = self.FIRST_INTERVAL
+
+    def probe_due(self) -> bool:
+        """After a step on one thread: whether to probe the team now."""
+        if self.current != 1:
+            return False
+        self.countdown -= 1
+        return self.countdown <= 0
+
+    def probed(self, team: float, single: float) -> None:
+        """The probe product took ``team`` seconds on the team and ``single`` on one thread."""
+        if team < self.BETTER * single:
+            self._switch(self.n)
+        else:
+            self._back_off()
+
+    def _back_off(self) -> None:
+        if self.current == 1:
+            self.interval = min(2 * self.interval, self.MAX_INTERVAL)
+        elif self.good < self.GOOD_RUN:  # the team disappointed soon after a probe sent us there
+            self.interval = min(2 * self.interval, self.MAX_INTERVAL)
+        self.countdown = self.interval
+
+    def _switch(self, n: int) -> None:
+        self.current, self.switches, self.good = n, self.switches + 1, 0
+
+
+@contextlib.contextmanager
+def between_steps(dec: Decoder | None) -> Iterator[None]:
+    """Around generation's work between two decode steps (processors, sampling) and the step
+    itself: with the numpy kernel, torch runs on one thread there too. An OpenMP team woken
+    by, say, the argmax over 50257 logits spins for milliseconds afterwards and takes a core
+    from OpenBLAS's threads during the next step (measured here: 21 ms steps instead of 12).
+    A no-op otherwise; torch's setting is restored on exit (before each token is yielded)."""
+    if dec is None or not dec.numpy_step:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def decoder(model: GPT2, batch_size: int) -> Decoder | None:
@@ -355,4 +526,8 @@ def decoder(model: GPT2, batch_size: int) -> Decoder | None:
     hooks = _HookWatch(model)  # one walk over the modules serves the check now and before every step
     if not usable(model, hooks):
         return None
+    if getattr(model, "_compile_decoding", False):
+        from .compiled import CompiledDecoder  # the opt-in compiled step (compiled.py)
+
+        return CompiledDecoder(model, prepare(model, batch_size), hooks)
     return Decoder(model, prepare(model, batch_size), hooks)

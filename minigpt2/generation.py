@@ -344,7 +344,7 @@ def decode_n_tokens(
     if stop is not None:
         rows = ids.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
     for step in range(s.max_new_tokens):
-        with torch.inference_mode():
+        with torch.inference_mode(), fast.between_steps(dec):
             cur = T + step
             scores = sampling.process(p, seq[:, :cur], logits, n_new=step, eos_ids=eos, prompt_start=prompt_start)
             token = sampling.sample(scores, generator) if p.do_sample else sampling.greedy(scores)
@@ -363,7 +363,7 @@ def decode_n_tokens(
         yield token.clone(), ~unfinished  # cloned outside inference mode: normal tensors
         if not bool(unfinished.any()):
             return
-        with torch.inference_mode():
+        with torch.inference_mode(), fast.between_steps(dec):
             m = None if full_mask is None else full_mask[:, : cur + 1]
             logits = decode_one_token(model, token[:, None], next_pos + step, m, cache, dec)
 

@@ -11,6 +11,13 @@ and the torch build; measured on the hosts here (see docs/performance.md):
 - ``transposed``: a copy in the other layout (Conv1D weight as [out, in] for ``F.linear``,
   the unembedding as [C, V] for ``mm``): BLAS libraries pick different gemv code for the two
   layouts, and either can be the faster one. Costs one copy of the weights.
+- ``numpy``: the weight as [out, in] (a copy for Conv1D, the embedding itself for the
+  unembedding) multiplied by numpy's BLAS (OpenBLAS in numpy's wheels), sharing memory with
+  the torch tensors. On the AMD EPYC hosts here OpenBLAS's GEMV streams at ~90 % of the
+  read bandwidth where MKL's reads ~45 % and oneDNN's ~75 %. Its threads are OpenBLAS's
+  own, so a step on these kernels runs torch on one thread (fast.py): two thread pools
+  spinning on the same cores slow each other down by 10x. Offered only when numpy's BLAS
+  runs as many threads as torch (the user's thread setting holds).
 - ``mkldnn``: the weight reordered once into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with
   ``torch.ops.mkldnn._linear_pointwise``. On CPUs with AMX / AVX512-bf16 it is by far the
@@ -29,7 +36,7 @@ while other processes compete for the cores can crown the wrong kernel, so one s
 decides for good only when it is quiet and clear; otherwise the next few processes measure
 again and the decision is taken from all samples together (see :func:`decide`).
 :func:`choose_rows` does the same for many-row products (a prompt's prefill). The
-environment variable ``MINIGPT2_KERNEL`` (``plain``, ``transposed``, ``mkldnn``, ``upcast``)
+environment variable ``MINIGPT2_KERNEL`` (``plain``, ``transposed``, ``numpy``, ``mkldnn``, ``upcast``)
 or :func:`force` overrides the choice, so tests can run every candidate on whatever host
 they land on.
 """
@@ -53,7 +60,7 @@ import torch
 
 #: The candidates, in order of preference when measurements tie (plain costs no memory;
 #: upcast costs the most).
-KERNELS = ("plain", "transposed", "mkldnn", "upcast")
+KERNELS = ("plain", "transposed", "numpy", "mkldnn", "upcast")
 
 #: Measurements within this fraction of the fastest count as a tie (the run-to-run noise of
 #: one choice on a quiet host here is ~1-2 %).
@@ -111,6 +118,11 @@ class PreparedLinear:
         elif kernel == "mkldnn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size)  # opaque
             self.extra_bytes = w.numel() * w.element_size()
+        elif kernel == "numpy":
+            self.weight = w.contiguous()  # (out, in): each output a dot product over contiguous memory
+            self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else w.numel() * w.element_size()
+            self.mm = _numpy_linear(self.weight, b)
+            return
         elif kernel == "upcast":
             if w.dtype not in HALF:
                 raise ValueError(f"kernel 'upcast' is for bf16 / fp16 weights, not {w.dtype}")
@@ -140,6 +152,62 @@ class PreparedLinear:
         """x (..., in) -> (..., out)."""
         y = self.mm(x.reshape(-1, x.shape[-1]))  # (N, out)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def _numpy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (N, in) -> x @ W^T + b (N, out) by numpy's BLAS: a GEMV for one row, a GEMM for more.
+    numpy arrays share the torch tensors' memory both ways (no copies per call)."""
+    w = weight.numpy()  # (out, in)
+    b = None if bias is None else bias.numpy()
+
+    def mm(x: torch.Tensor) -> torch.Tensor:
+        xn = x.contiguous().numpy()
+        y = (w @ xn[0])[None] if xn.shape[0] == 1 else xn @ w.T
+        if b is not None:
+            y += b
+        return torch.from_numpy(y)
+
+    return mm
+
+
+@functools.lru_cache(maxsize=1)
+def _openblas() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """(get_num_threads, set_num_threads) of the OpenBLAS numpy loaded (found in the process's
+    mapped libraries, as threadpoolctl does), or None (another BLAS, another platform)."""
+    import ctypes
+
+    import numpy  # noqa: F401  (loads its BLAS)
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                return get, put
+    return None
+
+
+def numpy_blas_threads() -> int | None:
+    """How many threads numpy's BLAS runs (OpenBLAS's own count), or None where unknown."""
+    fns = _openblas()
+    return None if fns is None else int(fns[0]())
+
+
+def set_numpy_blas_threads(n: int) -> None:
+    """Set OpenBLAS's thread count (process-wide: fast.py sets it for one step and restores it)."""
+    fns = _openblas()
+    if fns is not None:
+        fns[1](n)
 
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -195,6 +263,9 @@ def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
         return False  # on GPUs the plain path is what cuBLAS does best
     if kernel == "upcast":
         if dtype not in HALF:
+            return False
+    elif kernel == "numpy":
+        if dtype != torch.float32 or numpy_blas_threads() is None:
             return False
     elif dtype not in (torch.float32, torch.bfloat16):
         return False  # fp16 on CPU: plain, or upcast
@@ -400,6 +471,8 @@ def choose(
         warnings.warn(f"kernel {name!r} is not available for {dtype} on {device.type}; using 'plain'", stacklevel=2)
         return "plain"
     candidates = [k for k in (candidates or KERNELS) if available(k, dtype, device)]
+    if "numpy" in candidates and numpy_blas_threads() != torch.get_num_threads():
+        candidates.remove("numpy")  # it would not run on the user's thread count
     if len(candidates) == 1:
         return candidates[0]
     key = decision_key(role, [tuple(w.shape) for w, _ in matrices], dtype, batch_size)

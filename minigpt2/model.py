@@ -293,6 +293,7 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, counted once
         self.generation_config: dict[str, Any] = {}  # the checkpoint's generation_config.json
+        self._compile_decoding = False  # compile_decoding(): generation's one-token step compiled
         self.name_or_path: str | None = None  # where from_pretrained found the weights
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale residual-path projections by 1/sqrt(N), N = 2 per block
@@ -382,6 +383,16 @@ class GPT2(nn.Module):
     generate = generation.generate  # model.generate(input_ids, ..., max_new_tokens=N): see generation.py
     stream = generation.stream  # model.stream(tokenizer, prompt, ...): the same, step by step
 
+    def compile_decoding(self, enabled: bool = True) -> GPT2:
+        """Opt in to (or out of) the compiled decode step: generation's one-token step runs
+        as one ``torch.compile`` graph (see compiled.py). Compiled lazily by the first
+        generation step (tens of seconds; ``minigpt2.compiled.compile_seconds(model)``), CPU
+        only in this version. Returns the model."""
+        from .compiled import enable
+
+        enable(self, enabled)
+        return self
+
     # ------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A KV cache for ``batch_size`` rows of up to ``max_len`` (default n_positions) tokens."""
@@ -460,11 +471,17 @@ class GPT2(nn.Module):
         revision: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        compile: bool = False,
     ) -> GPT2:
-        """Load a checkpoint from a local directory or the Hugging Face Hub (see loading.py)."""
+        """Load a checkpoint from a local directory or the Hugging Face Hub (see loading.py).
+
+        ``compile=True`` opts in to the compiled decode step (``compile_decoding``)."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        model = load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype)
+        return model.compile_decoding() if compile else model
 
     def save_pretrained(self, directory: str | os.PathLike[str], **card: Any) -> None:
         """Write a checkpoint directory that transformers and minigpt2 both load (see loading.py)."""
