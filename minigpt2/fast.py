@@ -62,6 +62,7 @@ class _Prepared:
     blocks: list[PreparedLinear]  # one per Conv1D, in model.modules() order
     unembed: PreparedLinear
     rows_kernel: str = "plain"  # the block matrices' kernel for products of more than kernels.ROWS rows
+    choice: tuple = ()  # (block kernel, its upcast inner, unembedding kernel, its inner, rows kernel)
     rows: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)  # (N, in) -> (N, out)
     keys: list[tuple] = field(default_factory=list)  # source_key of every weight it was built from
     forced: str | None = None  # kernels.forced() when it was built
@@ -174,31 +175,38 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
     with torch.no_grad():
         # Decide on enough blocks to stream from memory (all blocks share their shapes), and
         # on the unembedding; then how the block matrices take many rows (a prompt).
-        block_kernel = kernels.choose(role, _sample(blocks), bucket)
-        if block_kernel == "numpy":  # a step runs on numpy's threads: no torch kernel among them
-            unembed_kernel = "numpy"
+        sample = _sample(blocks)
+        block_kernel = kernels.choose(role, sample, bucket)
+        block_inner = kernels.upcast_inner(role, sample, bucket) if block_kernel == "upcast" else None
+        block_pool = "numpy" if "numpy" in (block_kernel, block_inner) else "torch"
+        if block_pool == "numpy":  # a step runs on numpy's threads: the unembedding too
+            unembed_kernel, unembed_inner = block_kernel, block_inner
         else:
-            unembed_kernel = kernels.choose("unembed", [(E, None)], bucket,
-                                            candidates=[k for k in kernels.KERNELS if k != "numpy"])  # fmt: skip
+            torch_kernels = [k for k in kernels.KERNELS if k != "numpy"]
+            unembed_kernel = kernels.choose("unembed", [(E, None)], bucket, candidates=torch_kernels)
+            unembed_inner = None
+            if unembed_kernel == "upcast":
+                unembed_inner = kernels.upcast_inner("unembed", [(E, None)], bucket, torch_kernels)
         rows_kernel = kernels.choose_rows(role, blocks[:4], block_kernel)
         p = _prepared.get(model)
         if (
             p is not None
             and p.keys == keys
-            and (p.block_kernel, p.unembed_kernel, p.rows_kernel) == (block_kernel, unembed_kernel, rows_kernel)
-            and (p.batch == bucket or "mkldnn" not in (block_kernel, unembed_kernel))
+            and p.choice == (block_kernel, block_inner, unembed_kernel, unembed_inner, rows_kernel)
+            and (p.batch == bucket or "mkldnn" not in p.choice)
         ):
             p.batch, p.forced = bucket, forced
             return p
         _prepared.pop(model, None)  # drop the old copies before building new ones
-        prepared = [PreparedLinear(block_kernel, w, b, bucket) for w, b in blocks]
+        prepared = [PreparedLinear(block_kernel, w, b, bucket, block_inner) for w, b in blocks]
         p = _Prepared(
             batch=bucket,
             block_kernel=block_kernel,
             unembed_kernel=unembed_kernel,
             blocks=prepared,
-            unembed=PreparedLinear(unembed_kernel, E, None, bucket),
+            unembed=PreparedLinear(unembed_kernel, E, None, bucket, unembed_inner),
             rows_kernel=rows_kernel,
+            choice=(block_kernel, block_inner, unembed_kernel, unembed_inner, rows_kernel),
             rows=[_rows_mm(rows_kernel, pl, w, b) for pl, (w, b) in zip(prepared, blocks)],
             keys=keys,
             forced=forced,
@@ -233,10 +241,17 @@ def extra_bytes(model: GPT2) -> int:
 def kernel_names(model: GPT2) -> dict[str, str]:
     """The kernels in use for the block matrices and the unembedding ({} before first use).
 
-    ``blocks`` and ``unembed`` serve decoding steps (up to kernels.ROWS rows); ``prefill``
-    is the block matrices' kernel for more rows (a prompt)."""
+    ``blocks`` and ``unembed`` serve decoding steps (up to kernels.ROWS rows), ``upcast:K``
+    meaning an fp32 copy on fp32 kernel K; ``prefill`` is the block matrices' kernel for more
+    rows (a prompt)."""
     p = _prepared.get(model)
-    return {} if p is None else {"blocks": p.block_kernel, "unembed": p.unembed_kernel, "prefill": p.rows_kernel}
+    if p is None:
+        return {}
+
+    def name(pl: PreparedLinear) -> str:
+        return f"upcast:{pl.fp32.kernel}" if pl.kernel == "upcast" else pl.kernel  # upcast: the fp32 kernel too
+
+    return {"blocks": name(p.blocks[0]), "unembed": name(p.unembed), "prefill": p.rows_kernel}
 
 
 def _norm(ln: torch.nn.LayerNorm) -> tuple:
@@ -295,7 +310,7 @@ class Decoder:
         # The decode steps' thread count: one for torch when numpy's BLAS does the products,
         # else StepThreads (kept with the prepared kernels across generate calls).
         self.user_threads = torch.get_num_threads()
-        self.numpy_step = p.block_kernel == "numpy" and p.unembed_kernel == "numpy" and self.user_threads > 1
+        self.numpy_step = p.blocks[0].pool == "numpy" and p.unembed.pool == "numpy" and self.user_threads > 1
         self.blas_threads = kernels.numpy_blas_threads() if self.numpy_step else None
         self._probe_x = (torch.ones(1, c.n_embd, dtype=model.dtype), torch.ones(1, c.inner_dim, dtype=model.dtype))
         self.threads = p.threads = StepThreads.current_for(p.threads)

@@ -102,8 +102,12 @@ class PreparedLinear:
     ``mm`` takes x as (N, in) and returns (N, out) in the weights' dtype.
     """
 
-    def __init__(self, kernel: str, weight_out_in: torch.Tensor, bias: torch.Tensor | None, batch_size: int) -> None:
+    def __init__(
+        self, kernel: str, weight_out_in: torch.Tensor, bias: torch.Tensor | None, batch_size: int,
+        inner: str | None = None,
+    ) -> None:  # fmt: skip
         self.kernel = kernel
+        self.pool = "numpy" if kernel == "numpy" else "torch"  # whose threads run the product
         self.out_features = weight_out_in.shape[0]
         w = weight_out_in.detach()
         b = None if bias is None else bias.detach()
@@ -126,14 +130,12 @@ class PreparedLinear:
         elif kernel == "upcast":
             if w.dtype not in HALF:
                 raise ValueError(f"kernel 'upcast' is for bf16 / fp16 weights, not {w.dtype}")
-            # The fp32 copy, served by the fp32 kernel that streams best at batch > 1 and is the
-            # one that exists on every oneDNN build (fp32), else by addmm on the [in, out] copy.
-            inner = "mkldnn" if available("mkldnn", torch.float32, w.device) else "plain"
-            w32 = w.float()
-            self.fp32 = PreparedLinear(inner, w32 if inner == "mkldnn" else w32.t().contiguous().t(),
-                                       None if b is None else b.float(), batch_size)  # fmt: skip
-            self.weight = self.fp32.weight
-            self.extra_bytes = w32.numel() * 4
+            # The fp32 copy, on the fp32 kernel ``inner`` (:func:`upcast_inner`: the one fp32
+            # weights of this shape get), so bf16 never runs slower than the same model in fp32.
+            inner = inner or default_upcast_inner(w.device)
+            self.fp32 = PreparedLinear(inner, w.float().contiguous(), None if b is None else b.float(), batch_size)
+            self.pool, self.weight = self.fp32.pool, self.fp32.weight
+            self.extra_bytes = w.numel() * 4  # the copy (or the inner kernel's own copy of it)
             dtype, fp32_mm = w.dtype, self.fp32.mm
             self.mm = lambda x: fp32_mm(x.float()).to(dtype)
             return
@@ -212,6 +214,25 @@ def set_numpy_blas_threads(n: int) -> None:
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def default_upcast_inner(device: torch.device | str = "cpu") -> str:
+    """The fp32 kernel of an ``upcast`` copy when none was chosen: oneDNN's, else addmm."""
+    return "mkldnn" if available("mkldnn", torch.float32, device) else "plain"
+
+
+def upcast_inner(
+    role: str,
+    matrices: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    batch_size: int,
+    candidates: Sequence[str] | None = None,
+) -> str:
+    """The fp32 kernel for fp32 copies of these half-precision matrices: the decision fp32
+    weights of the same shapes get (:func:`choose`, measured on fp32 copies if not known)."""
+    if forced() is not None:
+        return default_upcast_inner(matrices[0][0].device)
+    copies = [(w.float(), None if b is None else b.float()) for w, b in matrices]
+    return choose(role, copies, batch_size, candidates=[k for k in (candidates or KERNELS) if k != "upcast"])
 
 
 def upcast_rows(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -470,17 +491,25 @@ def choose(
             return name
         warnings.warn(f"kernel {name!r} is not available for {dtype} on {device.type}; using 'plain'", stacklevel=2)
         return "plain"
-    candidates = [k for k in (candidates or KERNELS) if available(k, dtype, device)]
+    allowed = list(candidates or KERNELS)
+    candidates = [k for k in allowed if available(k, dtype, device)]
     if "numpy" in candidates and numpy_blas_threads() != torch.get_num_threads():
         candidates.remove("numpy")  # it would not run on the user's thread count
     if len(candidates) == 1:
         return candidates[0]
     key = decision_key(role, [tuple(w.shape) for w, _ in matrices], dtype, batch_size)
-    return _decided(key, candidates, lambda: _sample(matrices, candidates, batch_size, rounds))
+
+    def sample() -> Sample:
+        inner = None
+        if "upcast" in candidates:  # measured on the fp32 kernel it would use (within the same pools)
+            inner = upcast_inner(role, matrices, batch_size, None if "numpy" in allowed else allowed)
+        return _sample(matrices, candidates, batch_size, rounds, inner)
+
+    return _decided(key, candidates, sample)
 
 
 def _decided(key: str, candidates: Sequence[str], sample: Callable[[], Sample]) -> str:
-    if key in _decisions:
+    if _decisions.get(key) in candidates:
         return _decisions[key]
     cached = _read_cache().get(key) or {}
     samples = [s for s in cached.get("samples", []) if isinstance(s, dict) and "seconds_per_pass" in s]
@@ -515,9 +544,10 @@ def _sample(
     candidates: Sequence[str],
     batch_size: int,
     rounds: int,
+    inner: str | None = None,
 ) -> Sample:
     with torch.no_grad():
-        fns = {k: [PreparedLinear(k, w, b, batch_size).mm for w, b in matrices] for k in candidates}
+        fns = {k: [PreparedLinear(k, w, b, batch_size, inner).mm for w, b in matrices] for k in candidates}
         return time_passes(fns, _inputs(matrices, batch_size), rounds)
 
 

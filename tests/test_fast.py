@@ -186,7 +186,8 @@ def test_upcast_kernel_for_half_precision(make_checkpoint, B: int, T: int) -> No
     ids = _ids(B, T, seed=6)
     with kernels.force("upcast"):
         got = _fast_logits(model, ids)
-        assert fast.kernel_names(model) == {"blocks": "upcast", "unembed": "upcast", "prefill": "upcast"}
+        inner = kernels.default_upcast_inner()  # forced: no fp32 decision is taken
+        assert fast.kernel_names(model) == {"blocks": f"upcast:{inner}", "unembed": f"upcast:{inner}", "prefill": "upcast"}
         p = fast._prepared[model]
         assert p.blocks[0].fp32.weight is not None and fast.extra_bytes(model) > 0
     with torch.no_grad():
@@ -521,7 +522,7 @@ def _fake_samples(monkeypatch: pytest.MonkeyPatch, samples: list[tuple[dict[str,
     """Make choose() measure ``samples`` in turn (seconds per candidate, noise); returns a call counter."""
     calls: list[int] = []
 
-    def sample(mats, cands, batch_size, rounds):
+    def sample(mats, cands, batch_size, rounds, inner=None):
         seconds, noise = samples[len(calls)]
         calls.append(1)
         return kernels.Sample({k: seconds[k] for k in cands}, noise)
@@ -768,7 +769,7 @@ def test_numpy_kernel_only_on_the_users_thread_count(pair, monkeypatch: pytest.M
         pytest.skip("numpy's BLAS thread count cannot be read here (not OpenBLAS)")
     model, _ = pair
     seen = []
-    monkeypatch.setattr(kernels, "_sample", lambda mats, cands, b, rounds: seen.append(list(cands)) or kernels.Sample(
+    monkeypatch.setattr(kernels, "_sample", lambda mats, cands, b, rounds, inner=None: seen.append(list(cands)) or kernels.Sample(
         {k: 1.0 for k in cands}, 1.0))
     monkeypatch.setattr(kernels, "numpy_blas_threads", lambda: torch.get_num_threads() + 1)
     kernels.choose("threads test", fast._sources(model)[0][:4], 1)
@@ -776,3 +777,26 @@ def test_numpy_kernel_only_on_the_users_thread_count(pair, monkeypatch: pytest.M
     monkeypatch.setattr(kernels, "numpy_blas_threads", lambda: torch.get_num_threads())
     kernels.choose("threads test 2", fast._sources(model)[0][:4], 1)
     assert "numpy" in seen[-1]
+
+
+def test_bf16_upcast_runs_on_the_kernel_fp32_gets(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without native bf16 the upcast copy must be as fast as the fp32 model: its
+    fp32 kernel is the fp32 decision for the same shapes (here: numpy's, so the steps run on
+    numpy's threads, unembedding included)."""
+    if not kernels.available("numpy", torch.float32):
+        pytest.skip("numpy's BLAS thread count cannot be read here (not OpenBLAS)")
+    ref_model, model = _bf16_pair(make_checkpoint)
+
+    def sample(mats, cands, batch_size, rounds, inner=None):
+        fastest = "numpy" if mats[0][0].dtype == torch.float32 else "upcast"
+        return kernels.Sample({k: (1.0 if k == fastest else 2.0) for k in cands}, 1.0)
+
+    monkeypatch.setattr(kernels, "_sample", sample)
+    monkeypatch.setattr(kernels, "numpy_blas_threads", lambda: torch.get_num_threads())
+    ids = _ids(1, 6, seed=8)
+    got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, pad_token_id=999)
+    assert fast.kernel_names(model) == {"blocks": "upcast:numpy", "unembed": "upcast:numpy", "prefill": "upcast"}
+    with torch.no_grad():
+        assert fast.decoder(model, 1).numpy_step == (torch.get_num_threads() > 1)
+    want = ref_model.generate(ids, max_new_tokens=8, min_new_tokens=8, pad_token_id=999)
+    assert (got == want).float().mean() >= 0.8  # bf16 weights: the same tokens nearly everywhere
