@@ -559,3 +559,23 @@ def test_save_into_a_file_path(tiny, tmp_path):
 def test_resolve_checkpoint_local(tiny):
     config, files = resolve_checkpoint(tiny[0])
     assert config == tiny[0] / "config.json" and files == [tiny[0] / "model.safetensors"]
+
+
+def test_one_home_for_the_hub():
+    """loading.py and tokenizer.py ask minigpt2.hub for files; neither imports the other's Hub code,
+    and no module but hub.py calls huggingface_hub's downloader."""
+    import ast
+
+    package = REPO_ROOT / "minigpt2"
+    imports: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.lstrip("."))
+                names.update(f"{node.module.lstrip('.')}.{a.name}" for a in node.names)
+        imports[str(path.relative_to(package))] = names
+    assert not any(n.startswith("loading") for n in imports["tokenizer.py"]), imports["tokenizer.py"]
+    downloaders = sorted(f for f, names in imports.items() if any("hf_hub_download" in n for n in names))
+    assert downloaders == ["hub.py"], downloaders
