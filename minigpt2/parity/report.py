@@ -1,0 +1,571 @@
+"""Two captures in, one verdict out: the parity table, where it first fails, and why.
+
+Measure (CONVENTIONS.md, "Tolerances"): for each named tensor,
+``ratio = max |ours - reference| / max |reference|``, computed in float64, and the row
+passes when ``ratio <= rtol``. Taking the largest reference value as the scale makes the
+test independent of units and immune to near-zero entries, and it is the measure the
+project's own tests hold minigpt2 to.
+
+- float32: rtol 1e-4 everywhere (activations, logits, gradients, loss).
+- bfloat16 / float16 weights against the float32 reference: no float32 tolerance can
+  hold, so the logits are judged by top-1 agreement and the worst margin (how far the
+  reference's own top token is ahead of ours where the two differ, as a fraction of
+  max |reference logit|), and the other rows by the looser :data:`HALF_RTOL`.
+- generation: greedy tokens must be identical, except at a near-tie: where the
+  reference's margin between the two tokens is within what the logit tolerance allows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .capture import Capture
+
+#: float32 parity: max |ours - reference| <= FP32_RTOL x max |reference| (CONVENTIONS.md).
+FP32_RTOL = 1e-4
+#: Half-precision weights against the float32 reference, same measure. Set from random
+#: gpt2-shaped checkpoints (docs/parity.md): the worst activation of a correct bf16 model
+#: sits near 1e-2, of an fp16 one near 2e-3; a real fault gives ratios of 0.1 to 1.
+HALF_RTOL: dict[torch.dtype, float] = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+#: Half precision: at least this share of positions must pick the reference's top-1 ...
+TOP1_MIN_AGREEMENT = 0.9
+#: ... and where they differ, the reference's margin must be <= this x max |reference logit|.
+TOP1_MAX_MARGIN = 0.02
+
+
+def default_rtol(dtype: torch.dtype | None) -> float:
+    """The tolerance for a model computing in ``dtype`` (None / float32: 1e-4)."""
+    return HALF_RTOL.get(dtype, FP32_RTOL) if dtype is not None else FP32_RTOL
+
+
+def is_half(dtype: torch.dtype | None) -> bool:
+    return dtype in HALF_RTOL
+
+
+# ------------------------------------------------------------------------------ rows
+@dataclass
+class Row:
+    """One named tensor held against the reference.
+
+    max_abs_diff: max |ours - reference| (None when they could not be compared).
+    max_abs_ref: max |reference|.
+    ratio: max_abs_diff / max_abs_ref (0 when both are all zeros, inf when only ours is not).
+    worst_index: where the largest difference is, e.g. [batch, position, channel].
+    shown: part of the table (the default rows, or every row with ``--all``).
+    note: why a row failed without numbers (shape, NaN, absent), or "near-tie"-like remarks.
+    """
+
+    name: str
+    kind: str  # "activation", "logits" or "grad"
+    max_abs_diff: float | None
+    max_abs_ref: float | None
+    ratio: float | None
+    passed: bool
+    shown: bool = True
+    worst_index: list[int] | None = None
+    note: str = ""
+
+
+def compare_tensors(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float, kind: str = "activation") -> Row:
+    """Hold one tensor against the reference (see the module docstring for the measure).
+
+    A missing leading batch dimension of 1 in ``ours`` is accepted (a dump of one row may
+    leave it out); any other shape difference fails the row with both shapes in the note.
+    """
+    if ours.shape != ref.shape and ref.dim() == ours.dim() + 1 and ref.shape[0] == 1 and ref.shape[1:] == ours.shape:
+        ours = ours[None]
+    if ours.shape != ref.shape:
+        return Row(name, kind, None, None, None, False,
+                   note=f"shape {list(ours.shape)}, reference {list(ref.shape)}")
+    a, b = ours.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
+    max_ref = b.abs().max().item() if b.numel() else 0.0
+    if not torch.isfinite(a).all():
+        bad = int((~torch.isfinite(a)).sum())
+        return Row(name, kind, math.inf, max_ref, math.inf, False, note=f"{bad} non-finite values (NaN/inf) in ours")
+    if b.numel() == 0:
+        return Row(name, kind, 0.0, 0.0, 0.0, True)
+    diff = (a - b).abs()
+    flat = int(diff.argmax())
+    worst = [int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)]
+    max_diff = diff.reshape(-1)[flat].item()
+    ratio = max_diff / max_ref if max_ref > 0 else (0.0 if max_diff == 0 else math.inf)
+    return Row(name, kind, max_diff, max_ref, ratio, ratio <= rtol, worst_index=worst)
+
+
+# -------------------------------------------------------------------------- the checks
+@dataclass
+class Top1Check:
+    """Next-token agreement of the logits: does ours pick the reference's top token?
+
+    positions: how many (batch, position) pairs were compared.
+    agreement: the share of them where the argmax is the same.
+    worst_margin: the largest ref[ref's top] - ref[our top], in logits (0 when all agree).
+    worst_margin_rel: worst_margin / max |reference logit|.
+    worst_position: [batch, position] of that worst disagreement (None when all agree).
+    ours_token / ref_token: the two tokens there.
+    judged: whether this check decides the logits row (half precision) or only informs.
+    """
+
+    positions: int
+    agreement: float
+    worst_margin: float
+    worst_margin_rel: float
+    worst_position: list[int] | None
+    ours_token: int | None
+    ref_token: int | None
+    min_agreement: float = TOP1_MIN_AGREEMENT
+    max_margin_rel: float = TOP1_MAX_MARGIN
+    judged: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.min_agreement and self.worst_margin_rel <= self.max_margin_rel
+
+
+def top1_check(ours: torch.Tensor, ref: torch.Tensor, judged: bool) -> Top1Check:
+    """Top-1 agreement and worst margin of logits [B, T, V] (see :class:`Top1Check`)."""
+    a, b = ours.to(torch.float64), ref.to(torch.float64)
+    our_top, ref_top = a.argmax(-1), b.argmax(-1)  # (B, T)
+    margin = b.gather(-1, ref_top[..., None])[..., 0] - b.gather(-1, our_top[..., None])[..., 0]  # >= 0
+    scale = b.abs().max().item() or 1.0
+    flat = int(margin.argmax())
+    worst = margin.reshape(-1)[flat].item()
+    pos = [int(i) for i in torch.unravel_index(torch.tensor(flat), margin.shape)] if worst > 0 else None
+    agree = (our_top == ref_top).double().mean().item()
+    return Top1Check(
+        positions=int(our_top.numel()), agreement=agree, worst_margin=worst, worst_margin_rel=worst / scale,
+        worst_position=pos,
+        ours_token=int(our_top.reshape(-1)[flat]) if pos else None,
+        ref_token=int(ref_top.reshape(-1)[flat]) if pos else None,
+        judged=judged,
+    )
+
+
+@dataclass
+class LossCheck:
+    """The mean cross-entropy of both, and whether |ours - ref| <= rtol x |ref|."""
+
+    ours: float
+    reference: float
+    abs_diff: float
+    rel_diff: float
+    rtol: float
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.ours) and self.rel_diff <= self.rtol
+
+
+def loss_check(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> LossCheck:
+    a, b = float(ours), float(ref)
+    diff = abs(a - b) if math.isfinite(a) else math.inf
+    return LossCheck(a, b, diff, diff / abs(b) if b != 0 else (0.0 if diff == 0 else math.inf), rtol)
+
+
+@dataclass
+class GenerationCheck:
+    """Greedy decoding in both, token by token.
+
+    steps: the tokens asked for; ours / reference: the new tokens each produced (fewer when
+    one stopped at EOS). first_diff_step: the first step where they differ (None: identical).
+    At that step, with the common prefix as input: ours_token and ref_token, ref_margin =
+    ref[ref_token] - ref[ours_token] in the reference's logits, ours_margin the same in ours,
+    logits_diff = max |ours - ref| over that step's logits, and tie_bound the margin up to
+    which a flip is a near-tie: 2 x the logit tolerance (each logit may be off by rtol x
+    max |ref|; or the half-precision margin). A near-tie passes; any other difference fails.
+    """
+
+    steps: int
+    ours: list[int]
+    reference: list[int]
+    first_diff_step: int | None = None
+    ours_token: int | None = None
+    ref_token: int | None = None
+    ref_margin: float | None = None
+    ours_margin: float | None = None
+    logits_diff: float | None = None
+    tie_bound: float | None = None
+    near_tie: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.first_diff_step is None or self.near_tie
+
+
+# --------------------------------------------------------------------------- hints
+_HINTS: list[tuple[str, str]] = [
+    (r"embed", "the embeddings: wte rows, wpe rows or the position ids (wte[ids] + wpe[0..T-1])"),
+    (r"h\.(\d+)\.resid_pre", "the residual stream entering block {0} (the previous block's output)"),
+    (r"h\.(\d+)\.ln_1", "LayerNorm ln_1 of block {0}: its weight, bias or epsilon"),
+    (r"h\.(\d+)\.attn\.[qkv]", "c_attn of block {0}: its weight (Conv1D, stored [in, out] = [C, 3C]; an "
+     "nn.Linear port needs it transposed), its bias, or the split of the 3C outputs into q, k, v (in that "
+     "order), each into heads [B, nh, T, hs]"),
+    (r"h\.(\d+)\.attn\.pattern", "the attention scores of block {0}: the scale 1/sqrt(head_dim) (and "
+     "1/(layer+1) with scale_attn_by_inverse_layer_idx), the causal mask, or the softmax over keys"),
+    (r"h\.(\d+)\.attn\.out", "the attention output of block {0}: pattern @ v, the merge of the heads back "
+     "to [B, T, C], or attn.c_proj's weight and bias"),
+    (r"h\.(\d+)\.resid_mid", "the residual add after attention in block {0}: resid_pre + attn.out"),
+    (r"h\.(\d+)\.ln_2", "LayerNorm ln_2 of block {0}: its weight, bias or epsilon"),
+    (r"h\.(\d+)\.mlp\.act", "the MLP expansion of block {0}: mlp.c_fc's weight and bias, or the activation "
+     "(GPT-2's gelu_new is the tanh approximation)"),
+    (r"h\.(\d+)\.mlp\.out", "the MLP projection of block {0}: mlp.c_proj's weight and bias"),
+    (r"h\.(\d+)\.resid_post", "the residual add after the MLP in block {0}: resid_mid + mlp.out"),
+    (r"ln_f", "the final LayerNorm ln_f: its weight, bias or epsilon"),
+    (r"logits", "the unembedding: the head must be wte itself (tied); an untied or stale copy of it, or "
+     "a missing ln_f before it, shows first here"),
+]
+
+
+def hint(name: str) -> str:
+    """What usually breaks first at activation ``name`` (when everything before it passed)."""
+    for pattern, text in _HINTS:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return text.format(*m.groups())
+    return ""
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class ParityReport:
+    """The outcome of holding one implementation against a reference.
+
+    rows: every compared activation then ``logits``, in forward order (``shown`` marks the
+        table's rows: the default set, or all of them with ``--all``).
+    grads: one row per parameter (``--grad``), in parameter order.
+    top1, loss, generation: the other checks (None when not run).
+    missing: reference names the other side did not provide (a dump may hold any subset).
+    extra: names the other side provided that the reference lacks (not compared).
+    """
+
+    ours: str
+    reference: str
+    dtype: str
+    rtol: float
+    input_shape: list[int]
+    rows: list[Row]
+    top1: Top1Check | None = None
+    loss: LossCheck | None = None
+    grads: list[Row] = field(default_factory=list)
+    generation: GenerationCheck | None = None
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- verdicts
+    @property
+    def passed(self) -> bool:
+        """Every row, gradient and check passed (and something was compared)."""
+        checks = [self.loss, self.generation] + ([self.top1] if self.top1 is not None and self.top1.judged else [])
+        return (
+            bool(self.rows or self.grads or self.loss or self.generation)
+            and all(r.passed for r in self.rows)
+            and all(r.passed for r in self.grads)
+            and all(c.passed for c in checks if c is not None)
+        )
+
+    @property
+    def first_failure(self) -> str | None:
+        """The first row of the table (forward order) past the tolerance."""
+        return next((r.name for r in self.rows if r.shown and not r.passed), None)
+
+    @property
+    def first_failure_any(self) -> str | None:
+        """The first of every compared activation past the tolerance: where it breaks."""
+        return next((r.name for r in self.rows if not r.passed), None)
+
+    @property
+    def last_pass_before_failure(self) -> str | None:
+        """The last compared activation that passed before :attr:`first_failure_any`."""
+        last = None
+        for r in self.rows:
+            if not r.passed:
+                return last
+            last = r.name
+        return None
+
+    @property
+    def hint(self) -> str:
+        """What usually breaks at :attr:`first_failure_any`."""
+        name = self.first_failure_any
+        return hint(name) if name else ""
+
+    def worst_grads(self, n: int = 5) -> list[Row]:
+        """The ``n`` parameters with the largest relative gradient difference."""
+        key = lambda r: -math.inf if r.ratio is None and r.passed else (math.inf if r.ratio is None else r.ratio)  # noqa: E731
+        return sorted(self.grads, key=key, reverse=True)[:n]
+
+    # ---------------------------------------------------------------- output
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``minigpt2 parity --json``): every row, check and verdict."""
+        rows = [asdict(r) for r in self.rows]
+        out: dict[str, Any] = {
+            "passed": self.passed,
+            "first_failure": self.first_failure,
+            "first_failure_any": self.first_failure_any,
+            "last_pass_before_failure": self.last_pass_before_failure if self.first_failure_any else None,
+            "hint": self.hint or None,
+            "ours": self.ours,
+            "reference": self.reference,
+            "dtype": self.dtype,
+            "rtol": self.rtol,
+            "input_shape": self.input_shape,
+            "rows": rows,
+            "top1": dict(asdict(self.top1), passed=self.top1.passed) if self.top1 else None,
+            "loss": dict(asdict(self.loss), passed=self.loss.passed) if self.loss else None,
+            "grads": [asdict(r) for r in self.grads] or None,
+            "worst_grads": [r.name for r in self.worst_grads()] or None,
+            "generation": dict(asdict(self.generation), passed=self.generation.passed) if self.generation else None,
+            "missing": self.missing,
+            "extra": self.extra,
+            "notes": self.notes,
+        }
+        return _finite(out)
+
+    def table(self, decode: Any = None) -> str:
+        """The report as text: the activation table, the checks, the verdict last.
+
+        decode: optional ``fn(token_id) -> str`` to show tokens as text as well as ids.
+        """
+        tok = (lambda t: f"{t} {decode(t)!r}") if decode else str
+        lines = [
+            f"ours:      {self.ours}",
+            f"reference: {self.reference}",
+            f"input:     {' x '.join(map(str, self.input_shape))} tokens",
+            f"tolerance: max|ours - ref| <= {self.rtol:.0e} x max|ref|"
+            + ("  (half precision; logits judged by top-1 agreement)" if self.top1 and self.top1.judged else ""),
+            "",
+        ]
+        shown = [r for r in self.rows if r.shown]
+        if shown:
+            w = max(len("activation"), *(len(r.name) for r in shown))
+            lines.append(f"{'activation':<{w}}  {'max|ours-ref|':>13}  {'max|ref|':>10}  {'ratio':>9}  result")
+            for r in shown:
+                lines.append(_row_line(r, w))
+        if self.missing:
+            lines.append(f"not provided (not compared): {_names(self.missing)}")
+        if self.extra:
+            lines.append(f"not in the reference (not compared): {_names(self.extra)}")
+        if self.top1:
+            t = self.top1
+            where = ""
+            if t.worst_position is not None:
+                where = (f", worst at [batch {t.worst_position[0]}, position {t.worst_position[1]}]: ours "
+                         f"{tok(t.ours_token)}, reference {tok(t.ref_token)}")
+            verdict = ("pass" if t.passed else "FAIL") if t.judged else "(information)"
+            lines.append(
+                f"top-1 agreement: {t.agreement:.1%} of {t.positions} positions; worst margin "
+                f"{t.worst_margin:.4g} logits ({t.worst_margin_rel:.2%} of max|ref logit|){where}  {verdict}"
+            )
+            if t.judged:
+                lines.append(f"  (half precision passes with >= {t.min_agreement:.0%} agreement and every "
+                             f"disagreement within {t.max_margin_rel:.0%} of max|ref logit|)")
+        if self.loss:
+            L = self.loss
+            lines.append(f"loss: ours {L.ours:.6f}, reference {L.reference:.6f}, |diff| {L.abs_diff:.3e} "
+                         f"(relative {L.rel_diff:.2e})  {'pass' if L.passed else 'FAIL'}")
+        if self.grads:
+            worst = self.worst_grads()
+            failed = sum(not r.passed for r in self.grads)
+            lines.append(f"gradients: {len(self.grads)} parameters, {failed} past the tolerance; the "
+                         f"{len(worst)} with the largest max|ours-ref| / max|ref|:")
+            w = max(len(r.name) for r in worst)
+            for r in worst:
+                lines.append("  " + _row_line(r, w))
+        if self.generation:
+            lines.append(_generation_lines(self.generation, tok))
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        lines.append("")
+        lines += self.verdict_lines()
+        return "\n".join(lines)
+
+    def verdict_lines(self) -> list[str]:
+        """The closing lines: PASS, or FAIL with the first failure, where it narrows down, and why."""
+        if self.passed:
+            return ["PASS: everything within tolerance" + (" (a near-tie in generation)" if self.generation and self.generation.near_tie else "")]
+        out = []
+        first, first_any = self.first_failure, self.first_failure_any
+        if first is not None:
+            out.append(f"FAIL: first past tolerance: {first}{_ratio_text(self._row(first))}")
+        if first_any is not None and first_any != first:
+            out.append(f"  narrowed down over every compared activation: {first_any}{_ratio_text(self._row(first_any))}")
+        if first_any is not None:
+            before = self.last_pass_before_failure
+            out.append(f"  last activation still within tolerance: {before or '(none: the very first one fails)'}")
+            out.append(f"  look at {self.hint}")
+        if not out:
+            failed = []
+            if self.top1 is not None and self.top1.judged and not self.top1.passed:
+                failed.append("top-1 agreement")
+            if self.loss is not None and not self.loss.passed:
+                failed.append("loss")
+            if any(not r.passed for r in self.grads):
+                failed.append("gradients (" + ", ".join(r.name for r in self.grads if not r.passed)[:200] + ")")
+            if self.generation is not None and not self.generation.passed:
+                failed.append(f"generation (step {self.generation.first_diff_step})")
+            if not (self.rows or self.grads or self.loss or self.generation):
+                failed.append("nothing was compared")
+            out.append("FAIL: " + "; ".join(failed))
+        else:
+            extra = []
+            if self.loss is not None and not self.loss.passed:
+                extra.append("loss")
+            if any(not r.passed for r in self.grads):
+                extra.append("gradients")
+            if self.generation is not None and not self.generation.passed:
+                extra.append(f"generation (step {self.generation.first_diff_step})")
+            if extra:
+                out.append("  also failing: " + ", ".join(extra))
+        return out
+
+    def _row(self, name: str) -> Row | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+
+def _ratio_text(r: Row | None) -> str:
+    if r is None:
+        return ""
+    if r.ratio is None:
+        return f" ({r.note})"
+    where = f", worst at index {r.worst_index}" if r.worst_index is not None else ""
+    return f" (ratio {r.ratio:.2e}{where}{'; ' + r.note if r.note else ''})"
+
+
+def _row_line(r: Row, w: int) -> str:
+    if r.ratio is None:
+        return f"{r.name:<{w}}  {'-':>13}  {'-':>10}  {'-':>9}  {'pass' if r.passed else 'FAIL'}  {r.note}".rstrip()
+    ref = f"{r.max_abs_ref:.3e}" if r.max_abs_ref is not None else "-"
+    result = "pass" if r.passed else "FAIL"
+    return f"{r.name:<{w}}  {r.max_abs_diff:>13.3e}  {ref:>10}  {r.ratio:>9.2e}  {result}  {r.note}".rstrip()
+
+
+def _generation_lines(g: GenerationCheck, tok: Any) -> str:
+    if g.first_diff_step is None:
+        n = len(g.ours)
+        stop = f" (both stopped at EOS after {n})" if n < g.steps else ""
+        return f"generation (greedy, {g.steps} tokens): identical{stop}  pass"
+    s = g.first_diff_step
+    ours = tok(g.ours_token) if g.ours_token is not None else "(stopped)"
+    ref = tok(g.ref_token) if g.ref_token is not None else "(stopped)"
+    head = f"generation (greedy, {g.steps} tokens): first difference at step {s}: ours {ours}, reference {ref}"
+    if g.ref_margin is None:
+        return head + "  FAIL"
+    detail = (f"\n  at that step the reference prefers its token by {g.ref_margin:.4g} logits (ours prefers its "
+              f"own by {g.ours_margin:.4g}); the logits there differ by up to {g.logits_diff:.3g}")
+    if g.near_tie:
+        return head + detail + f"\n  near-tie: the margin is within {g.tie_bound:.3g} (2 x the logit tolerance), not a bug  pass"
+    return head + detail + f"\n  not a near-tie: the margin exceeds {g.tie_bound:.3g} (2 x the logit tolerance)  FAIL"
+
+
+def _names(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _finite(x: Any) -> Any:
+    """inf / NaN as strings, so the JSON is standard (json.dumps writes Infinity otherwise)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------------- comparing
+def compare(
+    ours: Capture,
+    ref: Capture,
+    *,
+    rtol: float | None = None,
+    shown: list[str] | None = None,
+    grad: bool = False,
+    dtype: torch.dtype | None = None,
+    ours_label: str | None = None,
+    reference_label: str | None = None,
+) -> ParityReport:
+    """Hold ``ours`` against ``ref``, name by name, in the reference's forward order.
+
+    rtol: the tolerance (default: 1e-4, or :data:`HALF_RTOL` for half-precision ``dtype``).
+    shown: the activation names the table shows (``logits`` always is); None shows all.
+    grad: also compare the loss and every parameter's gradient (both must hold them).
+    dtype: the precision ``ours`` computed in (default ``ours.dtype``); half precision
+        judges the logits by top-1 agreement instead of rtol.
+    Raises ValueError when the two were run on different input ids.
+    """
+    dtype = dtype if dtype is not None else ours.dtype
+    half = is_half(dtype)
+    rtol = default_rtol(dtype) if rtol is None else rtol
+    if ours.input_ids is not None and ref.input_ids is not None:
+        a, b = ours.input_ids, ref.input_ids
+        if a.dim() == 1:
+            a = a[None]
+        if a.shape != b.shape or not torch.equal(a.long(), b.long()):
+            raise ValueError(
+                f"the two were run on different input ids (shape {list(a.shape)} vs reference {list(b.shape)}"
+                + (")" if a.shape != b.shape else f", first difference at {_first_diff(a.long(), b.long())})")
+            )
+    ref_values, our_values = ref.values(), ours.values()
+    show = None if shown is None else set(shown) | {"logits"}
+    rows: list[Row] = []
+    missing: list[str] = []
+    for name, r in ref_values.items():
+        if name not in our_values:
+            missing.append(name)
+            continue
+        kind = "logits" if name == "logits" else "activation"
+        row = compare_tensors(name, our_values[name], r, rtol, kind)
+        row.shown = show is None or name in show
+        rows.append(row)
+    extra = [n for n in our_values if n not in ref_values]
+
+    top1 = None
+    if ours.logits is not None and ref.logits is not None:
+        logits_row = next(r for r in rows if r.name == "logits")
+        if logits_row.ratio is not None:
+            top1 = top1_check(_with_batch(ours.logits, ref.logits), ref.logits, judged=half)
+            if half:  # the float32 tolerance cannot hold: the top-1 check decides this row
+                logits_row.passed = top1.passed and math.isfinite(logits_row.ratio)
+                logits_row.note = "judged by top-1 agreement"
+
+    loss, grads = None, []
+    if grad:
+        if ours.loss is not None and ref.loss is not None:
+            loss = loss_check(ours.loss, ref.loss, rtol)
+        for name, g in ref.grads.items():
+            if name in ours.grads:
+                grads.append(compare_tensors(name, ours.grads[name], g, rtol, kind="grad"))
+            else:
+                grads.append(Row(name, "grad", None, None, None, False, note="no gradient from ours"))
+        for name in ours.grads:
+            if name not in ref.grads:
+                extra.append(f"grad of {name}")
+
+    return ParityReport(
+        ours=ours_label or ours.source,
+        reference=reference_label or ref.source,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else "unknown",
+        rtol=rtol,
+        input_shape=list(ref.input_ids.shape) if ref.input_ids is not None else [],
+        rows=rows,
+        top1=top1,
+        loss=loss,
+        grads=grads,
+        missing=missing,
+        extra=extra,
+    )
+
+
+def _with_batch(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return ours[None] if ours.dim() == ref.dim() - 1 else ours
+
+
+def _first_diff(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    idx = (a != b).nonzero()
+    return idx[0].tolist() if len(idx) else []
