@@ -15,9 +15,11 @@ something fails, 2 for usage errors. The checks themselves live in ``minigpt2.pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +172,22 @@ def _check_usage(args: argparse.Namespace) -> None:
         raise CLIError("--dump needs --against REF.safetensors (the reference to hold it against)", code=2)
 
 
-def _quiet_transformers() -> None:
-    """No progress bars or routine warnings from transformers on our terminal; anything
-    they would have said that matters is in the report (e.g. an untied head)."""
-    import transformers
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or routine warnings from transformers on our terminal for the
+    duration; anything they would have said that matters is in the report (e.g. an untied
+    head). Its logging settings are restored after."""
+    from transformers.utils import logging
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def run_parity(args: argparse.Namespace) -> int:
@@ -185,8 +196,8 @@ def run_parity(args: argparse.Namespace) -> int:
     _check_usage(args)
     if args.against is None:
         require_transformers("minigpt2 parity")  # before any loading: one line, what to install
-        _quiet_transformers()
-        report, extra = _against_transformers(args)
+        with _quiet_transformers():
+            report, extra = _against_transformers(args)
     else:
         report, extra = _against_file(args)
     if args.json:
@@ -228,6 +239,10 @@ def _against_transformers(args: argparse.Namespace) -> tuple[Any, dict[str, Any]
         grad=args.grad, generate=args.generate or 0, export=args.export, text=text,
     )
     report.notes.insert(0, f"input: {source}")
+    if args.reference is None:
+        report.notes.append(
+            "both libraries ran the same checkpoint: this checks minigpt2's loading and computation, not the "
+            "weights; hold a converted checkpoint against its original with --reference ORIGINAL or --against REF")
     extra: dict[str, Any] = {"_decode": _decoder(tokenizer)}
     if args.export:
         path = Path(args.export).expanduser()

@@ -134,7 +134,9 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _check_ids(input_ids: Any) -> torch.Tensor:
+def _check_ids(input_ids: Any, vocab_size: int | None = None, n_positions: int | None = None) -> torch.Tensor:
+    """input_ids as int64 [B, T]; ValueError for anything a GPT-2 cannot run (a bare
+    IndexError from the embedding is what transformers would raise)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {got}")
@@ -142,6 +144,12 @@ def _check_ids(input_ids: Any) -> torch.Tensor:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids must be [batch, seq] and not empty, got shape {tuple(input_ids.shape)}")
+    if vocab_size is not None:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
+    if n_positions is not None and input_ids.shape[1] > n_positions:
+        raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds n_positions={n_positions}")
     return input_ids.long()
 
 
@@ -167,7 +175,7 @@ def capture_minigpt2(
     """
     from .. import __version__
 
-    input_ids = _check_ids(input_ids)
+    input_ids = _check_ids(input_ids, model.config.vocab_size, model.config.n_positions)
     default_targets = targets is None
     targets = shifted_targets(input_ids) if default_targets else _check_ids(targets)
     if targets.shape != input_ids.shape:
@@ -244,10 +252,10 @@ def capture_transformers(
     The module-to-name mapping is in this module's docstring.
     """
     transformers = require_transformers("capture_transformers")
-    input_ids = _check_ids(input_ids)
+    c = hf.config
+    input_ids = _check_ids(input_ids, c.vocab_size, c.n_positions)
     default_targets = targets is None
     targets = shifted_targets(input_ids) if default_targets else _check_ids(targets)
-    c = hf.config
     n_head, n_embd = c.n_head, c.n_embd
     hs = n_embd // n_head
     store: dict[str, torch.Tensor] = {}

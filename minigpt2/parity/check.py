@@ -20,6 +20,7 @@ import torch
 
 from .capture import (
     Capture,
+    _check_ids,
     capture_minigpt2,
     capture_transformers,
     default_names,
@@ -110,7 +111,7 @@ def compare_to_transformers(
     Raises ImportError without transformers (``pip install "minigpt2[parity]"``), ValueError
     for bad ids or a reference it cannot load.
     """
-    input_ids = _as_ids(input_ids)
+    input_ids = _check_ids(_as_ids(input_ids), model.config.vocab_size, model.config.n_positions)
     hf, how = _reference_model(model, reference, model.device)
     c = model.config
     patterns = all_activations or _patterns_fit(c.n_layer, c.n_head, input_ids)

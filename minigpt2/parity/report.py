@@ -80,8 +80,10 @@ def compare_tensors(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: floa
     if ours.shape != ref.shape and ref.dim() == ours.dim() + 1 and ref.shape[0] == 1 and ref.shape[1:] == ours.shape:
         ours = ours[None]
     if ours.shape != ref.shape:
-        return Row(name, kind, None, None, None, False,
-                   note=f"shape {list(ours.shape)}, reference {list(ref.shape)}")
+        note = f"shape {list(ours.shape)}, reference {list(ref.shape)}"
+        if sorted(ours.shape) == sorted(ref.shape):
+            note += " (the same sizes in another order: check the layout, docs/parity.md)"
+        return Row(name, kind, None, None, None, False, note=note)
     a, b = ours.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
     max_ref = b.abs().max().item() if b.numel() else 0.0
     if not torch.isfinite(a).all():
