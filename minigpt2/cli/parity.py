@@ -201,7 +201,7 @@ def run_parity(args: argparse.Namespace) -> int:
     else:
         report, extra = _against_file(args)
     if args.json:
-        print(json.dumps({**report.to_dict(), **extra}, indent=2))
+        print(json.dumps({**report.to_dict(), **{k: v for k, v in extra.items() if not k.startswith("_")}}, indent=2))
     else:
         print(report.table(decode=extra.pop("_decode", None)))
         for key, value in extra.items():
