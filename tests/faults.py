@@ -52,7 +52,7 @@ def stale_head(sd: State, n_embd: int) -> None:
     """An untied lm_head holding a stale copy of wte (from before a fine-tune updated wte)."""
     wte = sd["transformer.wte.weight"]
     g = torch.Generator().manual_seed(7)
-    sd["lm_head.weight"] = wte - 0.05 * torch.randn(wte.shape, generator=g)
+    sd["lm_head.weight"] = (wte.float() - 0.05 * torch.randn(wte.shape, generator=g)).to(wte.dtype)
 
 
 WEIGHT_FAULTS: dict[str, Callable[[State, int], None]] = {

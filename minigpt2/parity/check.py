@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +102,9 @@ def compare_to_transformers(
     all_activations: the table shows every activation, attention patterns included; by
         default it shows ``embed``, each block's ``resid_mid`` and ``resid_post``, ``ln_f`` and
         ``logits`` (all are compared either way, to narrow a failure down).
-    rtol: tolerance, max |ours - ref| <= rtol x max |ref| (default 1e-4; bf16 5e-2, fp16 1e-2).
+    rtol: tolerance, max |ours - ref| <= rtol x max |ref| (default 1e-4). For a half-precision
+        model the default is per row: 4 x how far transformers' own model in that dtype is
+        from its float32 one (at least 2^-8 for bf16, 2^-11 for fp16).
     grad: also compare the loss and every parameter's gradient.
     generate: greedy-decode this many tokens from row 0 in both and compare them.
     export: also write the reference (transformers' values, gradients included) to this file.
@@ -122,9 +125,15 @@ def compare_to_transformers(
     ours = capture_minigpt2(model, input_ids, patterns=patterns, grad=grad)
     if not grad:
         ref.grads = {}
+    noise = None
+    if is_half(model.dtype) and rtol is None:
+        # What half precision costs transformers itself, row by row: the yardstick for ours.
+        half_hf = copy.deepcopy(hf).to(model.dtype)
+        noise = capture_transformers(half_hf, input_ids, patterns=patterns, grad=grad)
+        del half_hf
     report = compare(
         ours, ref, rtol=rtol, shown=None if all_activations else default_names(c.n_layer), grad=grad,
-        dtype=model.dtype,
+        dtype=model.dtype, noise=noise,
         ours_label=f"{ours.source}, {_dtype_name(model.dtype)} weights on {model.device}"
         + (f", {model.name_or_path}" if getattr(model, "name_or_path", None) else ""),
         reference_label=f"{ref.source} GPT2LMHeadModel (eager attention), float32, {how}",
