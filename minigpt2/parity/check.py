@@ -279,8 +279,8 @@ def generation_check(model: GPT2, hf: Any, input_ids: torch.Tensor, steps: int, 
         return check
     prefix = torch.cat([input_ids, torch.tensor([a[:s]], dtype=torch.long)], dim=1)
     with torch.no_grad(), _eval(hf), _eval(model):
-        ours_l = model(prefix.to(model.device))[0, -1].double().cpu()
-        ref_l = hf(prefix.to(hf_ids.device)).logits[0, -1].double().cpu()
+        ours_l = model(prefix.to(model.device))[0, -1].cpu().double()  # MPS has no float64
+        ref_l = hf(prefix.to(hf_ids.device)).logits[0, -1].cpu().double()
     u, r = check.ours_token, check.ref_token
     check.ref_margin = (ref_l[r] - ref_l[u]).item()
     check.ours_margin = (ours_l[u] - ours_l[r]).item()
