@@ -30,7 +30,10 @@ IDS = "5 17 300 2 999 41 7 7 512 88 61 0 3 250"
 def run_cli(*args: str, block_transformers: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     if block_transformers:  # as if `pip install minigpt2` without the [parity] extra
-        code = "import sys; sys.modules['transformers'] = None; from minigpt2.cli import main; sys.exit(main())"
+        code = ("import sys, minigpt2, minigpt2.testing, minigpt2.parity, minigpt2.cli.parity\n"
+                "assert 'transformers' not in sys.modules, 'importing minigpt2 imported transformers'\n"
+                "sys.modules['transformers'] = None\n"
+                "from minigpt2.cli import main; sys.exit(main())")
         cmd = [sys.executable, "-c", code, *args]
     else:
         cmd = [sys.executable, "-m", "minigpt2", *args]
@@ -178,6 +181,7 @@ def test_another_implementations_dump(capsys, monkeypatch, tmp_path, exported):
 
 
 def test_without_transformers_one_line_names_the_extra(tiny_checkpoint):
+    """Also: importing minigpt2, minigpt2.testing and minigpt2.parity does not import transformers."""
     path, _ = tiny_checkpoint
     proc = run_cli("parity", "--model", str(path), "--ids", IDS, block_transformers=True)
     assert proc.returncode == 1

@@ -536,7 +536,7 @@ def compare(
     rtol = default_rtol(dtype) if rtol is None else rtol
     noise_values = noise.values() if adaptive else {}
 
-    def limit(name: str, r: torch.Tensor, noise_t: torch.Tensor | None) -> float:
+    def limit(r: torch.Tensor, noise_t: torch.Tensor | None) -> float:
         return noise_limit(noise_t, r, dtype, rtol) if adaptive else rtol
 
     if ours.input_ids is not None and ref.input_ids is not None:
@@ -557,7 +557,7 @@ def compare(
             missing.append(name)
             continue
         kind = "logits" if name == "logits" else "activation"
-        row = compare_tensors(name, our_values[name], r, limit(name, r, noise_values.get(name)), kind)
+        row = compare_tensors(name, our_values[name], r, limit(r, noise_values.get(name)), kind)
         row.shown = show is None or name in show
         rows.append(row)
     extra = [n for n in our_values if n not in ref_values]
@@ -574,31 +574,30 @@ def compare(
     loss, grads = None, []
     if grad:
         if ours.loss is not None and ref.loss is not None:
-            noise_loss = noise.loss if adaptive and noise.loss is not None else None
-            loss = loss_check(ours.loss, ref.loss, limit("loss", ref.loss.reshape(1), None if noise_loss is None
-                                                        else noise_loss.reshape(1)))
+            noise_loss = noise.loss.reshape(1) if adaptive and noise.loss is not None else None
+            loss = loss_check(ours.loss, ref.loss, limit(ref.loss.reshape(1), noise_loss))
         noise_grads = noise.grads if adaptive else {}
         for name, g in ref.grads.items():
             if name in ours.grads:
-                grads.append(compare_tensors(name, ours.grads[name], g, limit(name, g, noise_grads.get(name)), "grad"))
+                grads.append(compare_tensors(name, ours.grads[name], g, limit(g, noise_grads.get(name)), "grad"))
             else:
                 grads.append(Row(name, "grad", None, None, None, False, rtol, note="no gradient from ours"))
         for name in ours.grads:
             if name not in ref.grads:
                 extra.append(f"grad of {name}")
 
-    name = str(dtype).removeprefix("torch.")
+    dtype_name = str(dtype).removeprefix("torch.")
     if adaptive:
-        tolerance = (f"per row, {HALF_NOISE_FACTOR:g} x the distance of transformers' own {name} model from "
+        tolerance = (f"per row, {HALF_NOISE_FACTOR:g} x the distance of transformers' own {dtype_name} model from "
                      f"float32 (at least {HALF_FLOOR[dtype]:.1e}); logits judged by top-1 agreement")
     elif half:
-        tolerance = f"max|ours - ref| <= {rtol:.0e} x max|ref| ({name}); logits judged by top-1 agreement"
+        tolerance = f"max|ours - ref| <= {rtol:.0e} x max|ref| ({dtype_name}); logits judged by top-1 agreement"
     else:
         tolerance = f"max|ours - ref| <= {rtol:.0e} x max|ref|"
     return ParityReport(
         ours=ours_label or ours.source,
         reference=reference_label or ref.source,
-        dtype=name if dtype is not None else "unknown",
+        dtype=dtype_name if dtype is not None else "unknown",
         rtol=rtol,
         tolerance=tolerance,
         input_shape=list(ref.input_ids.shape) if ref.input_ids is not None else [],
