@@ -320,6 +320,10 @@ def test_half_precision_dump_is_judged_by_top1(tmp_path, tiny):
     report = compare_to_reference(ref_file, dump=dump)
     assert report.dtype == "bfloat16" and report.top1.judged
     assert all(r.limit == HALF_RTOL[torch.bfloat16] for r in report.rows)  # no half run to measure: fixed
+    no_logits = _dump(fresh(path, dtype=torch.bfloat16), tmp_path / "bf16_acts.safetensors", keep={"embed", "ln_f"},
+                      transform=lambda t: {k: v.bfloat16() for k, v in t.items()})
+    report = compare_to_reference(ref_file, dump=no_logits)
+    assert report.dtype == "bfloat16" and report.passed, report.table()
     assert report.passed, report.table()
 
 

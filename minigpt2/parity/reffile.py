@@ -147,8 +147,9 @@ def load_reference(path: str | os.PathLike[str], *, grads: bool = True, require_
     header = meta.get("header") if isinstance(meta.get("header"), dict) else {}
     dtype_name = header.get("dtype")
     dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        dtype = logits.dtype if logits is not None else None
+    if not isinstance(dtype, torch.dtype):  # a foreign dump: what its tensors are stored in
+        stored = logits if logits is not None else next(iter(acts.values()), None)
+        dtype = stored.dtype if stored is not None else None
     producer = header.get("producer") or "unknown"
     return Capture(
         input_ids=ids,
