@@ -218,6 +218,8 @@ def test_errors_exit_1(capsys, tmp_path, tiny_checkpoint, exported):
         (["--model", str(path), "--ids", IDS, "--generate", "120"], ["exceeds n_positions=128"]),
         (["--model", str(path), "--file", str(tmp_path / "missing.txt")], ["file not found"]),
         (["--model", str(tmp_path / "nowhere")], ["not found", "nowhere"]),
+        (["--model", str(path), "--export", str(tmp_path / "no" / "ref.safetensors")], ["directory for --export"]),
+        (["--model", str(path), "--export", str(tmp_path)], ["is a directory"]),
         (["--against", str(tmp_path / "missing.safetensors"), "--model", str(path)], ["missing.safetensors"]),
     ]
     (tmp_path / "corrupt.safetensors").write_bytes(b"garbage")

@@ -171,6 +171,12 @@ def _check_usage(args: argparse.Namespace) -> None:
             raise CLIError("--against needs exactly one of --model NAME_OR_PATH or --dump THEIRS.safetensors", code=2)
     elif args.dump is not None:
         raise CLIError("--dump needs --against REF.safetensors (the reference to hold it against)", code=2)
+    if args.export is not None:  # before minutes of work, not after
+        out = Path(args.export).expanduser()
+        if out.is_dir():
+            raise ValueError(f"--export {args.export} is a directory: give a file name, e.g. {out / 'ref.safetensors'}")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"directory for --export not found: {out.parent}")
 
 
 @contextlib.contextmanager
