@@ -152,7 +152,9 @@ def _input_ids(args: argparse.Namespace, model: Any, tokenizer: Any, extra: int 
     bad = next((i for i in ids if not 0 <= i < c.vocab_size), None)
     if bad is not None:
         advice = "; pass ids it knows with --ids" if text is not None else ""
-        raise ValueError(f"token id {bad} (from {source}) is outside this checkpoint's vocabulary [0, {c.vocab_size}){advice}")
+        raise ValueError(
+            f"token id {bad} (from {source}) is outside this checkpoint's vocabulary [0, {c.vocab_size}){advice}"
+        )
     if len(ids) + extra > c.n_positions:
         more = f" + --generate {extra}" if extra else ""
         raise ValueError(f"input of {len(ids)} tokens{more} exceeds n_positions={c.n_positions}")

@@ -243,7 +243,9 @@ def _plain_generation_config(hf: Any, steps: int, eos: Any, pad: Any) -> Iterato
         hf.generation_config = before
 
 
-def generation_check(model: GPT2, hf: Any, input_ids: torch.Tensor, steps: int, *, rtol: float | None = None) -> GenerationCheck:
+def generation_check(
+    model: GPT2, hf: Any, input_ids: torch.Tensor, steps: int, *, rtol: float | None = None
+) -> GenerationCheck:
     """Greedy-decode ``steps`` tokens from ``input_ids`` [1, T] in both and find where they part.
 
     Both use the checkpoint's EOS (minigpt2's reading of it) and stop there. At the first

@@ -324,8 +324,10 @@ class ParityReport:
 
     def worst_grads(self, n: int = 5) -> list[Row]:
         """The ``n`` parameters with the largest relative gradient difference."""
-        key = lambda r: -math.inf if r.ratio is None and r.passed else (math.inf if r.ratio is None else r.ratio)  # noqa: E731
-        return sorted(self.grads, key=key, reverse=True)[:n]
+        def badness(r: Row) -> float:  # a row that could not be compared counts as the worst
+            return r.ratio if r.ratio is not None else (-math.inf if r.passed else math.inf)
+
+        return sorted(self.grads, key=badness, reverse=True)[:n]
 
     # ---------------------------------------------------------------- output
     def to_dict(self) -> dict[str, Any]:
@@ -428,7 +430,8 @@ class ParityReport:
         if first_any is not None:
             if first_any != first and first is not None:
                 out.append(f"  narrowed down over every compared activation: {first_any}{_ratio_text(self._row(first_any))}")
-            out.append(f"  last activation still within tolerance: {self.last_pass_before_failure or '(none: the very first one fails)'}")
+            before = self.last_pass_before_failure or "(none: the very first one fails)"
+            out.append(f"  last activation still within tolerance: {before}")
             out.append(f"  look at {self.hint}")
         others = []
         if self.top1 is not None and self.top1.judged and not self.top1.passed and first_any != "logits":
@@ -485,9 +488,10 @@ def _generation_lines(g: GenerationCheck, tok: Any) -> str:
         return head + "  FAIL"
     detail = (f"\n  at that step the reference prefers its token by {g.ref_margin:.4g} logits (ours prefers its "
               f"own by {g.ours_margin:.4g}); the logits there differ by up to {g.logits_diff:.3g}")
+    bound = f"{g.tie_bound:.3g} (how far the logit tolerance lets two logits swap)"
     if g.near_tie:
-        return head + detail + f"\n  near-tie: the margin is within {g.tie_bound:.3g} (2 x the logit tolerance), not a bug  pass"
-    return head + detail + f"\n  not a near-tie: the margin exceeds {g.tie_bound:.3g} (2 x the logit tolerance)  FAIL"
+        return head + detail + f"\n  near-tie: the margin is within {bound}, not a bug  pass"
+    return head + detail + f"\n  not a near-tie: the margin exceeds {bound}  FAIL"
 
 
 def _names(names: list[str], n: int = 8) -> str:
