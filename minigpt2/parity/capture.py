@@ -389,10 +389,13 @@ def transformers_from_model(model: GPT2) -> Any:
     """transformers' GPT2LMHeadModel holding ``model``'s config and weights, in float32
     (a half-precision model's weights are upcast exactly), on the model's device, eval mode."""
     transformers = require_transformers("compare_to_transformers")
-    config = transformers.GPT2Config(**{k: v for k, v in model.config.to_dict().items() if k != "architectures"})
-    hf = transformers.GPT2LMHeadModel(config)
+    fields = {k: v for k, v in model.config.to_dict().items() if k != "architectures"}
+    # A head untied in memory (lm_head given its own tensor) stays untied in the copy.
+    fields["tie_word_embeddings"] = model.lm_head.weight is model.transformer.wte.weight
+    config = transformers.GPT2Config(**fields)
+    hf = transformers.GPT2LMHeadModel(config).float()  # float32 whatever dtype the config names
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte on both sides
+    hf.load_state_dict(state, strict=False)  # a tied lm_head.weight is wte on both sides
     missing = [n for n, _ in hf.named_parameters() if n not in state]
     if missing:
         raise ValueError(f"the model has no weights for transformers' {', '.join(missing)}")

@@ -140,7 +140,7 @@ def compare_to_transformers(
         + (f", {model.name_or_path}" if getattr(model, "name_or_path", None) else ""),
         reference_label=f"{ref.source} GPT2LMHeadModel (eager attention), float32, {how}",
     )
-    report.notes += reference_notes(hf)
+    report.notes += reference_notes(hf, model)
     if not patterns:
         report.notes.append("attention patterns not compared for this long an input (all_activations / --all forces them)")
     if generate:
@@ -310,11 +310,12 @@ def _eval(module: torch.nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ helpers
-def reference_notes(hf: Any) -> list[str]:
+def reference_notes(hf: Any, model: GPT2) -> list[str]:
     """What the reference did that is worth knowing before reading the table."""
     notes = []
     head, wte = hf.get_output_embeddings(), hf.transformer.wte
-    if head is not None and head.weight.data_ptr() != wte.weight.data_ptr():
+    ours_tied = model.lm_head.weight is model.transformer.wte.weight
+    if ours_tied and head is not None and head.weight.data_ptr() != wte.weight.data_ptr():
         notes.append(
             "transformers did not tie lm_head to wte: the checkpoint stores an lm_head.weight that differs "
             "from transformer.wte.weight (or sets tie_word_embeddings=false); minigpt2 always unembeds with wte"
