@@ -232,3 +232,23 @@ def test_errors_exit_1(capsys, tmp_path, tiny_checkpoint, exported):
         code, _, err = cli(capsys, "parity", *args)
         assert code == 1, (args, err)
         assert_one_line_error(err, *words)
+
+
+# ------------------------------------------------------------------- the real gpt2
+@pytest.mark.hub
+@pytest.mark.skipif(os.environ.get("MINIGPT2_TEST_HUB") != "1", reason="needs the Hub: set MINIGPT2_TEST_HUB=1")
+def test_real_gpt2(capsys, monkeypatch, tmp_path):
+    """The official checkpoint, trained weights: every activation, gradients, 20 greedy tokens,
+    then bfloat16 (whose per-row limits follow transformers' own bf16 run), then a file."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    code, out, err = cli(capsys, "parity", "--model", "gpt2", "--all", "--grad", "--generate", "20")
+    assert code == 0, out + err
+    code, out, err = cli(capsys, "parity", "--model", "gpt2", "--dtype", "bfloat16", "--generate", "20")
+    assert code == 0, out + err
+    ref = tmp_path / "gpt2.safetensors"
+    assert main(["parity", "--model", "gpt2", "--export", str(ref)]) == 0
+    code, out, err = cli(capsys, "parity", "--against", str(ref), "--model", "gpt2", "--grad")
+    assert code == 0, out + err
