@@ -89,7 +89,10 @@ def run_explore(args: argparse.Namespace) -> int:
                     webbrowser.open(url)
 
         threading.Thread(target=announce, daemon=True).start()
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C: the normal way out
+            pass
         engine.close()
     finally:
         sock.close()
