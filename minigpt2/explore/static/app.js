@@ -18,7 +18,7 @@ const state = {
   attn: null, head: 0, lens: null, steps: 0, sweepAbort: null,
 };
 // For tests and benchmarks: the state, the processors, and how long each panel took (ms).
-window.explore = { state, processors: P, timings: {}, ready: false };
+window.explore = { state, processors: P, timings: {}, ready: false, loaded: 0 };
 
 // ------------------------------------------------------------------------------- helpers
 class ApiError extends Error {
@@ -105,7 +105,9 @@ async function loadPrompt(body) {
   renderTokens(tk);
   timed("tokens", t0);
   await Promise.all([loadNext(v), loadAttention(v), loadLens(v)]);
-  if (v === state.version) runSweep(v);
+  if (v !== state.version) return;
+  window.explore.loaded = v; // every panel but the sweep shows this prompt
+  runSweep(v);
 }
 
 function renderTokens(tk) {
@@ -501,6 +503,7 @@ async function runSweep(v) {
   const seed = Number($("sweep-seed").value);
   const box = $("sweep");
   box.replaceChildren();
+  delete box.dataset.done;
   showError("sweep", null);
   const ctl = new AbortController();
   state.sweepAbort = ctl;
@@ -642,7 +645,16 @@ function renderArchitecture(a) {
 }
 
 // --------------------------------------------------------------------------------- start
+// ?prompt=...&tokens=...&seed=... set the prompt and the sweep's length and seed (a link to share).
+function readQuery() {
+  const q = new URLSearchParams(window.location.search);
+  if (q.has("prompt")) $("prompt").value = q.get("prompt");
+  if (q.has("tokens")) $("sweep-tokens").value = q.get("tokens");
+  if (q.has("seed")) { $("sweep-seed").value = q.get("seed"); $("step-seed").value = q.get("seed"); }
+}
+
 async function start() {
+  readQuery();
   try {
     const [meta, vocab] = await Promise.all([api("/api/explore/model"), api("/api/explore/vocab")]);
     state.meta = meta;
