@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
+import os
 import socket
 import sys
 import threading
@@ -66,6 +67,21 @@ def _bind(port: int) -> socket.socket:
     return sock
 
 
+def _open_browser(url: str) -> bool:
+    """Open ``url`` in the user's browser, unless there is no display to show one on.
+
+    Over SSH on Linux, ``webbrowser`` would start a text-mode browser (w3m, lynx) on the same
+    terminal as the server; without DISPLAY / WAYLAND_DISPLAY (and no $BROWSER chosen) the URL
+    is printed instead.
+    """
+    if sys.platform.startswith("linux") and not any(os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")):
+        return False
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
+
+
 def run_explore(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uvicorn") is None:
         raise CLIError(MISSING)
@@ -85,8 +101,8 @@ def run_explore(args: argparse.Namespace) -> int:
                 time.sleep(0.05)
             if server.started:
                 print(f"minigpt2 explore: {args.model} at {url}  (Ctrl-C to stop)", flush=True)
-                if not args.no_browser:
-                    webbrowser.open(url)
+                if not args.no_browser and not _open_browser(url):
+                    print("minigpt2 explore: no graphical browser here: open the URL above in yours", flush=True)
 
         threading.Thread(target=announce, daemon=True).start()
         try:

@@ -148,6 +148,8 @@ function buildControls() {
   const have = new Set(state.meta.processors);
   for (const c of CONTROLS) {
     if (c.optional && !have.has(c.key)) continue;
+    const d = state.meta.defaults[c.key]; // the library's defaults (None = off for min-p, typical-p)
+    if (d !== null && d !== undefined) c.value = d;
     const range = el("input");
     Object.assign(range, { type: "range", min: c.min, max: c.max, step: c.step, value: c.value, id: `${c.key}-range` });
     const num = el("input");
