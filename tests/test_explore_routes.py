@@ -183,3 +183,18 @@ def test_cli_busy_port_is_one_line(gpt2_tiny_vocab_checkpoint):
                             "--no-browser"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip() == f"minigpt2: error: port {port} on 127.0.0.1 is already in use: pick another with --port (0 = any free port)"
+
+
+def test_no_text_mode_browser_without_a_display(monkeypatch):
+    import webbrowser
+
+    from minigpt2.cli import explore
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
+    monkeypatch.setattr(sys, "platform", "linux")
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER"):
+        monkeypatch.delenv(var, raising=False)
+    assert explore._open_browser("http://127.0.0.1:1/explore") is False and opened == []
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert explore._open_browser("http://127.0.0.1:1/explore") is True and opened == ["http://127.0.0.1:1/explore"]
