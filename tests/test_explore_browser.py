@@ -366,4 +366,10 @@ def test_errors_show_in_the_page(page, engine):
     page.set_control("temperature", "1")
     page.set_control("top_p", "")
     assert "top_p must be a number" in pg.inner_text("#next-error")
+    # A prompt the server refuses outright (over 1 MiB): said in every panel, no stale numbers left.
+    pg.evaluate("""() => { const p = document.getElementById("prompt");
+                           p.value = "x".repeat((1 << 20) + 10); p.dispatchEvent(new Event("input")); }""")
+    pg.wait_for_selector("#tokens-error:not([hidden])", timeout=60_000)
+    assert "exceeds the limit" in pg.inner_text("#tokens-error")
+    assert "no tokens" in pg.inner_text("#next-error") and pg.locator("#bars .bar").count() == 0
     assert page.js_errors() == []

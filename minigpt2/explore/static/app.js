@@ -96,7 +96,14 @@ async function loadPrompt(body) {
   try {
     tk = await api("/api/explore/tokens", body);
   } catch (e) {
-    if (v === state.version) fail("tokens", e);
+    if (v !== state.version || e?.name === "AbortError") return;
+    fail("tokens", e);
+    // Nothing below may show the previous prompt's numbers as if they were this one's.
+    state.logits = null;
+    state.attn = null;
+    for (const id of ["tokens", "bars", "next-summary", "heads", "lens", "sweep"]) $(id).replaceChildren();
+    clearBig();
+    for (const panel of ["next", "attention", "lens", "sweep"]) showError(panel, `no tokens: ${e.message}`);
     return;
   }
   if (v !== state.version) return;
