@@ -46,11 +46,13 @@ function logSoftmax(scores) {
   return out;
 }
 
-// Indices of `keys` sorted ascending (ties by index), as a Uint32Array.
-function argsortAscending(keys) {
-  const idx = new Uint32Array(keys.length);
-  for (let i = 0; i < idx.length; i++) idx[i] = i;
-  return idx.sort((a, b) => (keys[a] < keys[b] ? -1 : keys[a] > keys[b] ? 1 : a - b));
+// Indices i with scores[i] > -inf, sorted ascending by keys[i] (ties by index). Removed tokens
+// need no place in the order: their probability is 0, so they change no cumulative sum and
+// stay removed (after top-k 50, top-p sorts 50 tokens, not the whole vocabulary).
+function argsortFinite(scores, keys) {
+  const idx = [];
+  for (let i = 0; i < scores.length; i++) if (scores[i] !== -Infinity) idx.push(i);
+  return Uint32Array.from(idx).sort((a, b) => (keys[a] < keys[b] ? -1 : keys[a] > keys[b] ? 1 : a - b));
 }
 
 // CTRL's penalty on every token already in the row: s / r if s > 0 else s * r (once per token).
@@ -83,7 +85,7 @@ export function topK(scores, k, removed, reason, minKeep = 1) {
 
 // Nucleus: sorted ascending, drop a token while the mass up to and including it is <= 1 - p.
 export function topP(scores, p, removed, reason, minKeep = 1) {
-  const order = argsortAscending(scores);
+  const order = argsortFinite(scores, scores);
   const probs = softmax(Float32Array.from(order, (i) => scores[i]));
   const limit = f(1 - p);
   let acc = 0;
@@ -114,7 +116,7 @@ export function typicalP(scores, mass, removed, reason, minKeep = 1) {
   ent = f(-ent);
   const shifted = new Float32Array(logp.length);
   for (let i = 0; i < logp.length; i++) shifted[i] = Math.abs(f(-logp[i] - ent));
-  const order = argsortAscending(shifted);
+  const order = argsortFinite(scores, shifted);
   const probs = softmax(Float32Array.from(order, (i) => scores[i]));
   const massF = f(mass);
   let acc = 0;
