@@ -167,7 +167,10 @@ def bench_browser(base: str, prompt: str, moves: int, screenshot: str | None, sw
             page.fill("#temperature", "0.8")
             box = page.locator("#attn-big").bounding_box()
             page.mouse.move(box["x"] + box["width"] * 0.32, box["y"] + box["height"] * 0.8)
-            page.screenshot(path=screenshot, full_page=True)
+            # The page down to the logit lens: the architecture panel below it is long.
+            bottom = page.locator("#lens-panel").bounding_box()
+            page.screenshot(path=screenshot, full_page=True,
+                            clip={"x": 0, "y": 0, "width": 1400, "height": bottom["y"] + bottom["height"] + 12})
             result["screenshot"] = screenshot
         browser.close()
     return result

@@ -580,7 +580,9 @@ function onSweepEvent(frame, t0) {
     if (!card) return;
     const text = card.querySelector(".text");
     for (const t of d.tokens) {
-      const span = el("span", t.eos ? "gtok eos" : "gtok", t.eos ? "<|endoftext|>" : t.text);
+      // A newline shows as a visible mark before the line break it makes.
+      const shown = t.eos ? "<|endoftext|>" : t.text.replace(/\n/g, "\u21b5\n");
+      const span = el("span", t.eos ? "gtok eos" : "gtok", shown);
       span.dataset.id = t.id;
       span.dataset.prob = t.prob;
       span.style.background = `rgba(47, 95, 208, ${(0.05 + 0.8 * t.prob).toFixed(3)})`;
