@@ -101,6 +101,36 @@ def bench_endpoints(base: str, ids: list[int], layer: int, repeats: int, vocab: 
     return out
 
 
+def bench_cpu(model: Any, tok: Any, ids: list[int], layer: int, repeats: int) -> dict[str, Any]:
+    """Each data function called directly: wall time and the CPU time the process spent on it.
+
+    On a shared machine wall time measures the neighbours as much as the code; CPU time does not
+    (with --threads 1 nothing spins waiting for a second thread either), so it is the figure to
+    carry to a quiet host: there a request takes about its CPU time on one core, and between
+    half of it and all of it on two.
+    """
+    from minigpt2.explore import data
+
+    calls = {
+        "next token": lambda i: data.next_token(model, i),
+        "attention (one layer)": lambda i: data.attention(model, i, layer),
+        "logit lens": lambda i: data.lens(model, i, 5),
+        "step (greedy)": lambda i: data.step(model, tok, i, mode="greedy"),
+        "sweep: greedy column, first 4 tokens": lambda i: data.SweepColumn(model, tok, i, data.strategies()[0], 30, 0).advance(4),
+    }
+    out: dict[str, Any] = {}
+    for name, fn in calls.items():
+        wall, cpu = [], []
+        for r in range(repeats):
+            fresh = [(ids[0] + 1 + r) % model.config.vocab_size] + ids[1:]
+            w, c = time.perf_counter(), time.process_time()
+            fn(fresh)
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        out[name] = {"wall": summary(wall), "cpu": summary(cpu)}
+    return out
+
+
 def bench_sweep(base: str, ids: list[int], n: int) -> dict[str, Any]:
     body = json.dumps({"input_ids": ids, "max_new_tokens": n, "seed": 0}).encode()
     req = urllib.request.Request(f"{base}/api/explore/strategies", data=body, headers={"Content-Type": "application/json"})
@@ -186,6 +216,8 @@ def main() -> int:
     ap.add_argument("--moves", type=int, default=30, help="control moves measured in the browser")
     ap.add_argument("--sweep-tokens", type=int, default=30)
     ap.add_argument("--no-browser", action="store_true")
+    ap.add_argument("--no-server", action="store_true", help="only the in-process CPU-time figures")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--screenshot", default=None, metavar="FILE.png")
     ap.add_argument("--json", default=None, metavar="FILE")
     args = ap.parse_args()
@@ -203,6 +235,19 @@ def main() -> int:
         ids = tok.encode(TEXT * (1 + args.prompt_tokens // 100))[: args.prompt_tokens]
     prompt = args.prompt if args.prompt is not None else tok.decode(ids)
     layer = model.config.n_layer // 2 if args.layer is None else args.layer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_server:
+        bench_cpu(model, tok, ids, layer, 1)  # warm up
+        result = {"model": name, "prompt tokens": len(ids), "torch threads": torch.get_num_threads(),
+                  "load average before": os.getloadavg(),
+                  "in-process (data functions)": bench_cpu(model, tok, ids, layer, args.repeats),
+                  "load average after": os.getloadavg()}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+        return 0
     engine = LocalEngine(model, tok, name=name)
     base, server = serve(engine)
     result: dict[str, Any] = {
