@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 # The command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("generate", "inspect", "train", "parity")
+COMMAND_MODULES = ("generate", "inspect", "train", "parity", "explore")
 
 DEFAULT_MODEL = "gpt2"
 
