@@ -183,7 +183,7 @@ def test_known_anchors(tok: Tokenizer) -> None:
 def test_byte_alphabet_matches_transformers() -> None:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from minigpt2.tokenizer import _byte_to_unicode_table
+    from minigpt2.tokenizer.bytelevel import bytes_to_unicode as _byte_to_unicode_table
 
     assert dict(enumerate(_byte_to_unicode_table())) == bytes_to_unicode()
 
@@ -194,7 +194,7 @@ def test_construction_is_cached() -> None:
     for _ in range(100):
         Tokenizer()
     assert time.perf_counter() - start < 0.5
-    assert Tokenizer()._core is Tokenizer.from_pretrained(None)._core
+    assert Tokenizer()._spec is Tokenizer.from_pretrained(None)._spec
 
 
 # -- parity ----------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_every_vocab_token_string_matches_transformers(tok: Tokenizer) -> None:
     # between tiktoken (ranks of concatenations) and pair-ranked BPE.  Tokens
     # are joined into documents (one token text per line) to keep this fast.
     transformers = pytest.importorskip("transformers")
-    from minigpt2.tokenizer import _token_to_bytes
+    from minigpt2.tokenizer.bytelevel import token_to_bytes as _token_to_bytes
 
     hf = transformers.GPT2TokenizerFast(str(VOCAB), str(MERGES))
     texts = []
@@ -359,12 +359,15 @@ def test_file_path_and_missing_pathlike_raise(tmp_path: Path) -> None:
         Tokenizer(VOCAB, None)
 
 
-def test_hub_id_falls_back_quickly_offline(monkeypatch: pytest.MonkeyPatch, tok) -> None:
+def test_hub_ids_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPT-2's own repos need no download; any other repo that is not in the cache is an error
+    # naming it (not GPT-2's tokenizer in its place), and comes at once, without retries.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    for name in ["minigpt2-tests/no-such-model", "gpt2", "openai-community/gpt2"]:
-        loaded = Tokenizer.from_pretrained(name)
-        assert loaded.encode("Hello world") == [15496, 995]
+    for name in ["gpt2", "openai-community/gpt2", "distilgpt2"]:
+        assert Tokenizer.from_pretrained(name).encode("Hello world") == [15496, 995]
+    with pytest.raises(ValueError, match="minigpt2-tests/no-such-model"):
+        Tokenizer.from_pretrained("minigpt2-tests/no-such-model")
     assert time.perf_counter() - start < 10
 
 
@@ -381,7 +384,7 @@ def test_save_pretrained_round_trip(tmp_path: Path, tok: Tokenizer) -> None:
     out = tmp_path / "saved"
     tok.save_pretrained(out)
     names = sorted(os.listdir(out))
-    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer"
     assert config["model_max_length"] == 1024
