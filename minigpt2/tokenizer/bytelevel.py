@@ -88,16 +88,21 @@ def bytes_to_unicode() -> tuple[str, ...]:
 
 
 @functools.cache
-def _unicode_to_bytes() -> dict[str, int]:
-    return {ch: b for b, ch in enumerate(bytes_to_unicode())}
+def _to_latin1() -> dict[int, int]:
+    """``str.translate`` table: each alphabet character to the Latin-1 character of its byte, and
+    the Latin-1 characters that are *not* in the alphabet (space, controls) to U+0100, which
+    ``encode("latin-1")`` refuses, so a token that is not byte-level fails as a whole."""
+    table = {ord(ch): b for b, ch in enumerate(bytes_to_unicode())}
+    for c in range(256):
+        table.setdefault(c, 0x100)
+    return table
 
 
 def token_to_bytes(token: str) -> bytes | None:
     """The bytes a token string spells in the byte-level alphabet, or None if it is not one."""
-    lookup = _unicode_to_bytes()
     try:
-        return bytes([lookup[ch] for ch in token])
-    except KeyError:
+        return token.translate(_to_latin1()).encode("latin-1")
+    except UnicodeEncodeError:
         return None
 
 

@@ -37,10 +37,11 @@ a saved directory loads in both with the same ids.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +95,28 @@ class TokenizerSpec:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """Cache key for a file: resolved path, size and mtime (an edited file is read again)."""
+@dataclass(frozen=True)
+class _FileRef:
+    """A file as a cache key: equal when the contents are (a copy of a checkpoint's tokenizer.json
+    elsewhere, or the one every training checkpoint writes, is parsed once)."""
+
+    path: Path = field(compare=False)
+    digest: str
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_ref(path: Path) -> _FileRef:
     resolved = path.expanduser().resolve()
     st = resolved.stat()
-    return (str(resolved), st.st_size, st.st_mtime_ns)
+    stat_key = (str(resolved), st.st_size, st.st_mtime_ns)  # an edited file is hashed again
+    digest = _DIGESTS.get(stat_key)
+    if digest is None:
+        if len(_DIGESTS) > 1024:
+            _DIGESTS.clear()
+        digest = _DIGESTS[stat_key] = hashlib.blake2b(resolved.read_bytes(), digest_size=16).hexdigest()
+    return _FileRef(resolved, digest)
 
 
 def _read_json(path: Path, kind: type = dict) -> Any:
@@ -117,16 +135,16 @@ def _parse_merges(raw: Sequence[Any], source: str) -> list[tuple[str, str]]:
     (``"a b"`` or ``["a", "b"]``)."""
     merges = []
     for entry in raw:
-        parts = entry.split(" ") if isinstance(entry, str) else entry
-        if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+        parts = entry.split(" ") if type(entry) is str else entry
+        if type(parts) not in (list, tuple) or len(parts) != 2 or type(parts[0]) is not str or type(parts[1]) is not str:
             raise ValueError(f"{source}: malformed merge {entry!r} (expected two tokens)")
         merges.append((parts[0], parts[1]))
     return merges
 
 
 @functools.lru_cache(maxsize=8)
-def _vocab_merges_bpe(vocab_key: tuple[str, int, int], merges_key: tuple[str, int, int]) -> ByteLevelBPE:
-    vocab_path, merges_path = Path(vocab_key[0]), Path(merges_key[0])
+def _vocab_merges_bpe(vocab: _FileRef, merges: _FileRef) -> ByteLevelBPE:
+    vocab_path, merges_path = vocab.path, merges.path
     vocab = _read_json(vocab_path)
     lines = merges_path.read_text(encoding="utf-8").split("\n")
     raw = [line.rstrip("\r") for i, line in enumerate(lines) if line.strip() and not (i == 0 and line.startswith("#version"))]
@@ -147,8 +165,8 @@ class _TokenizerJson:
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer_json(key: tuple[str, int, int]) -> _TokenizerJson:
-    path = Path(key[0])
+def _tokenizer_json(ref: _FileRef) -> _TokenizerJson:
+    path = ref.path
     data = _read_json(path)
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
@@ -284,21 +302,21 @@ def read_files(
             is not valid JSON or not the expected shape, or a tokenizer.json that is not byte-level
             BPE (another model, pre-tokenizer, normalizer or decoder), naming ``source`` and the part.
     """
-    key = tuple(sorted((name, _file_key(path)) for name, path in files.items() if name in TOKENIZER_FILES))
+    key = tuple(sorted((name, _file_ref(path)) for name, path in files.items() if name in TOKENIZER_FILES))
     overrides = tuple(sorted((special_tokens or {}).items()))
     return _read_files_cached(key, source, add_prefix_space, overrides, tuple(added_tokens))
 
 
 @functools.lru_cache(maxsize=32)
 def _read_files_cached(
-    key: tuple[tuple[str, tuple[str, int, int]], ...],
+    key: tuple[tuple[str, _FileRef], ...],
     source: str,
     add_prefix_space: bool | None,
     overrides: tuple[tuple[str, str | None], ...],
     more_tokens: tuple[AddedToken, ...],
 ) -> TokenizerSpec:
     keys = dict(key)
-    paths = {name: Path(k[0]) for name, k in keys.items()}
+    paths = {name: ref.path for name, ref in keys.items()}
     config: dict[str, Any] = _read_json(paths[CONFIG_JSON]) if CONFIG_JSON in paths else {}
 
     tj = _tokenizer_json(keys[TOKENIZER_JSON]) if TOKENIZER_JSON in keys else None

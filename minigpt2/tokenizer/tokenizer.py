@@ -550,13 +550,17 @@ class Tokenizer:
         except (TypeError, IndexError):
             self._check_ids(ids)  # raises the precise error
             raise
-        if None in pieces:
-            missing = next(i for i, p in zip(ids, pieces) if p is None)
-            raise ValueError(f"token id {missing} is not in the vocabulary (size {len(table)})")
         if skip_special_tokens:
             special = self._tables.special_ids
             pieces = [b"" if i in special else p for i, p in zip(ids, pieces)]
         return pieces  # type: ignore[return-value]
+
+    def _join(self, ids: Any, pieces: list[bytes]) -> bytes:
+        try:
+            return b"".join(pieces)
+        except TypeError:  # a None: an id inside the range that no token has
+            missing = next(i for i, p in zip(_coerce_ids(ids), pieces) if p is None)
+            raise ValueError(f"token id {missing} is not in the vocabulary (size {self.n_vocab})") from None
 
     def decode_bytes(self, ids: Sequence[int] | Any, skip_special_tokens: bool = False) -> bytes:
         """Raw bytes of ``ids``; may end inside a UTF-8 character (a stream holds such a tail
@@ -565,7 +569,8 @@ class Tokenizer:
         Raises:
             ValueError: an id outside the vocabulary. TypeError: an id that is not an integer.
         """
-        return b"".join(self._pieces(ids, skip_special_tokens))
+        pieces = self._pieces(ids, skip_special_tokens)
+        return self._join(ids, pieces)
 
     def decode(self, ids: Sequence[int] | Any, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (a list/tuple of ints, a 1-D tensor or NumPy array): transformers'
@@ -598,7 +603,7 @@ class Tokenizer:
             ValueError / TypeError: as :meth:`decode`.
         """
         pieces = self._pieces(ids, skip_special_tokens)
-        data = b"".join(pieces)
+        data = self._join(ids, pieces)
         text = data.decode("utf-8", errors="replace")
         # Byte offset where each character of ``text`` starts. A U+FFFD either was in the bytes
         # (EF BF BD) or replaced a maximal ill-formed subsequence, whose length the strict
