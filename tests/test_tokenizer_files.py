@@ -317,3 +317,15 @@ def test_bad_tokenizer_files_raise_value_errors(saved: dict[str, Path], tmp_path
     with pytest.raises(ValueError, match=message) as info:
         Tokenizer.from_pretrained(directory)
     assert str(directory) in str(info.value) or "bad" in str(info.value)
+
+
+def test_constructor_reads_files_as_gpt2tokenizer_does() -> None:
+    """Tokenizer(vocab, merges, ...) is transformers.GPT2Tokenizer(vocab=..., merges=..., ...)
+    followed by add_tokens."""
+    from minigpt2.tokenizer import AddedToken
+
+    hf = transformers.GPT2Tokenizer(vocab=str(DATA / "vocab.json"), merges=str(DATA / "merges.txt"), pad_token="<pad>")
+    hf.add_tokens([HFAddedToken("<x>", lstrip=True), "plain"])
+    ours = Tokenizer(DATA / "vocab.json", DATA / "merges.txt", pad_token="<pad>",
+                     added_tokens=[AddedToken("<x>", lstrip=True), "plain"])  # fmt: skip
+    assert_same_as_transformers(ours, hf, TEXTS[:60] + ["a plain <x> b", "explained"])
