@@ -46,10 +46,19 @@ def build_hf_model(seed: int = 0, **config: Any) -> Any:
     return hf.eval()
 
 
+GPT2_TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "minigpt2" / "data"
+
+
 def save_hf_checkpoint(directory: Path, seed: int = 0, **config: Any) -> tuple[Path, Any]:
-    """Save a random checkpoint with transformers' own save_pretrained; return (dir, hf model)."""
+    """Save a random checkpoint with transformers' own save_pretrained; return (dir, hf model).
+
+    A checkpoint with GPT-2's vocabulary gets GPT-2's tokenizer beside it, saved by transformers
+    (tokenizer.json + tokenizer_config.json), as checkpoints on the Hub have theirs; smaller
+    vocabularies get none (loading their tokenizer warns and falls back to GPT-2's)."""
     hf = build_hf_model(seed, **config)
     hf.save_pretrained(directory)
+    if hf.config.vocab_size == 50257:
+        transformers.AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_FILES)).save_pretrained(str(directory))
     return directory, hf
 
 
