@@ -56,9 +56,21 @@ WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\
 
 #: Whitespace runs at least this long are encoded without tiktoken's regex (far below the
 #: ~10^6 characters where its backtracking stack overflows; far above any run in normal text).
-LONG_RUN = 256
+LONG_RUN = 1024
 
 _LONG_WHITESPACE = re.compile(f"[{re.escape(WHITESPACE)}]{{{LONG_RUN},}}")
+
+
+def _may_hold_a_long_run(text: str) -> bool:
+    """False when ``text`` surely has no whitespace run of LONG_RUN characters.
+
+    Such a run covers a whole block ``text[k : k + LONG_RUN // 2]`` with ``k`` a multiple of
+    LONG_RUN // 2, and ``str.isspace`` accepts every WHITESPACE character: looking at those
+    blocks costs a few hundred C-level checks per MB, where the exact regex scan costs a Python
+    ``re`` attempt at every whitespace character (~10% of the encoding time of ordinary text).
+    """
+    half = LONG_RUN // 2
+    return any(text[k : k + half].isspace() for k in range(0, len(text) - half + 1, half))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +252,7 @@ class ByteLevelBPE:
         * what follows (``text[e-1:]`` or nothing) starts a piece, and the regex has no
           lookbehind, so it is tokenized as if the text began there.
         """
-        if len(text) < LONG_RUN or (run := _LONG_WHITESPACE.search(text)) is None:
+        if len(text) < LONG_RUN or not _may_hold_a_long_run(text) or (run := _LONG_WHITESPACE.search(text)) is None:
             return self._ids(self.encoding.encode_ordinary(text))
         ids: list[int] = []
         pos = 0
