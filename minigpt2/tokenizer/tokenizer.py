@@ -398,7 +398,9 @@ class Tokenizer:
 
         Added tokens in the text (``<|endoftext|>``, a fine-tune's ``<pad>``, ...) become their
         id, with their lstrip / rstrip / single_word flags; the rest goes through GPT-2's
-        pre-tokenization and BPE. Any string encodes, whatever its length or runs.
+        pre-tokenization and BPE. Any string encodes, whatever its length or runs (a lone
+        surrogate, which is not Unicode and which transformers refuses, encodes as U+FFFD, as
+        in tiktoken).
 
         Args:
             allowed_special: special tokens recognised in the text: ``"all"``, or a set of their
