@@ -49,6 +49,7 @@ CALLS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:`max_length` is ignored")  # transformers' note on padding=True + max_length
 @pytest.mark.parametrize("kwargs", CALLS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
 def test_call_matches_transformers(tok: Tokenizer, hf: Any, kwargs: dict[str, Any]) -> None:
     assert _plain(tok(TEXTS, **kwargs)) == _plain(hf(TEXTS, **kwargs))

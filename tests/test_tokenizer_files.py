@@ -305,6 +305,8 @@ BAD: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
                               tokenizer_json=lambda j: j.update(pre_tokenizer={"type": "Whitespace"})), "'Whitespace'"),
     "not byte-level": (lambda d, ok: _write(d, {"vocab.json": json.dumps({"a": 0, "b": 1}), "merges.txt": "a b\n"}),
                        "byte-level"),
+    "an added token id that is not a number": (lambda d, ok: _edit(ok, d, config={"added_tokens_decoder": {
+        "fifty": {"content": "<x>"}}}), "'fifty' is not an integer"),
     "a malformed added token": (lambda d, ok: _edit(ok, d, tokenizer_json=lambda j: j["added_tokens"].append({"id": 7})),
                                 "added_tokens"),
 }  # fmt: skip

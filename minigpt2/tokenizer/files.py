@@ -261,6 +261,16 @@ def _named(value: Any, where: str) -> AddedToken | None:
                                 special=True, where=where)  # fmt: skip
 
 
+def _token_id(value: Any, where: str) -> int:
+    try:
+        idx = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: token id {value!r} is not an integer") from None
+    if idx < 0:
+        raise ValueError(f"{where}: token id {idx} is negative")
+    return idx
+
+
 def _assign_ids(bpe: ByteLevelBPE, tokens: Sequence[AddedToken], initial: Sequence[AddedToken] = ()) -> dict[int, AddedToken]:
     """Ids for added tokens, in order, as tokenizers' ``AddedVocabulary.add_tokens`` gives them:
     a token already added takes the new flags and keeps its id; one in the vocabulary takes its
@@ -353,6 +363,8 @@ def _read_files_cached(
         if name.endswith("_token") and name not in SPECIAL_TOKEN_NAMES and isinstance(value, str):
             named[name] = AddedToken(value, normalized=False, special=True)
     extras_raw = init.get("extra_special_tokens") or init.get("additional_special_tokens") or []
+    if isinstance(extras_raw, str):
+        extras_raw = [extras_raw]
     if isinstance(extras_raw, dict):
         for name, value in extras_raw.items():
             token = _named(value, f"{source}: extra_special_tokens")
@@ -369,12 +381,14 @@ def _read_files_cached(
         if not isinstance(decoder, dict):
             raise ValueError(f"{source}: added_tokens_decoder must be an object of id -> token")
         for idx, entry in decoder.items():
-            declared[int(idx)] = AddedToken.from_json(entry, where=f"{source}: added_tokens_decoder[{idx}]")
+            where = f"{source}: added_tokens_decoder[{idx!r}]"
+            declared[_token_id(idx, where)] = AddedToken.from_json(entry, where=where)
     else:
         if ADDED_TOKENS_JSON in paths:
             for content, idx in _read_json(paths[ADDED_TOKENS_JSON]).items():
                 is_special = content in special_contents
-                declared[int(idx)] = AddedToken(content, normalized=not is_special, special=is_special)
+                where = f"{paths[ADDED_TOKENS_JSON]}: {content!r}"
+                declared[_token_id(idx, where)] = AddedToken(content, normalized=not is_special, special=is_special)
         if tj is not None:
             declared.update(dict(tj.added_tokens))
     to_add = [declared[i] for i in sorted(declared)]
