@@ -3,7 +3,7 @@
 Each command lives in its own module of this package and contributes a ``register(sub)``
 function that adds its subparser(s) and sets ``func``. Errors are one line on stderr,
 ``minigpt2: error: ...``: exit 2 for usage errors (argparse's own convention), 1 for the
-rest; never a traceback.
+rest; never a traceback. Warnings are one line too (``minigpt2: warning: ...``).
 """
 
 from __future__ import annotations
