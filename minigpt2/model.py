@@ -353,12 +353,21 @@ class GPT2(nn.Module):
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
-        """Next-token cross-entropy with transformers' label semantics.
+        """Next-token cross-entropy: logits at t are scored against labels at t + 1 (the shift
+        happens here), -100 is ignored, as in transformers' ``GPT2LMHeadModel(labels=...)``.
 
-        labels default to input_ids (positions where attention_mask is 0 become -100); the
-        shift by one happens here: logits at t are scored against labels at t + 1, and -100
-        is ignored. ``reduction="mean"`` averages over counted tokens; "sum" returns the sum,
-        for gradient accumulation normalised by the tokens of all micro-batches.
+        Explicit ``labels`` keep transformers' semantics exactly: every label that is not -100
+        is a target, whatever the mask says about the position that predicts it.
+
+        Without ``labels`` they come from ``input_ids`` and the mask: a target counts only when
+        it is a real token *and* the position predicting it is one. So a padded row's loss is
+        the row's loss alone, with left padding too. (transformers' usual recipe,
+        ``labels = input_ids.masked_fill(attention_mask == 0, -100)``, also scores the first
+        real token of a left-padded row as predicted from the padding before it: the same as
+        this with right padding or none, one target more per left-padded row.)
+
+        ``reduction="mean"`` averages over counted targets; "sum" returns the sum, for gradient
+        accumulation normalised by the targets of all micro-batches.
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
@@ -366,8 +375,10 @@ class GPT2(nn.Module):
         if labels is None:
             labels = input_ids
             if attention_mask is not None:
-                mask = _check_attention_mask(attention_mask, *input_ids.shape, labels.device)
-                labels = labels.masked_fill(mask == 0, -100)
+                real = _check_attention_mask(attention_mask, *input_ids.shape, labels.device) != 0
+                counted = real.clone()
+                counted[:, 1:] &= real[:, :-1]  # the predicting position (t - 1) is real too
+                labels = labels.masked_fill(~counted, -100)
         else:
             labels = _check_labels(labels[None] if _is_1d(labels) else labels, self.config.vocab_size)
         if labels.shape != input_ids.shape:

@@ -84,14 +84,21 @@ def random_checkpoint(directory: str | os.PathLike[str], *, seed: int = 0, **con
     """Save a random-weight GPT-2 checkpoint with transformers' own ``save_pretrained``.
 
     directory: created if needed; gets config.json, model.safetensors and
-        generation_config.json, as transformers writes them (no tokenizer files: minigpt2's
-        tokenizer falls back to GPT-2's packaged BPE).
+        generation_config.json, as transformers writes them. A checkpoint with GPT-2's
+        vocabulary (vocab_size 50257) also gets GPT-2's tokenizer, saved by transformers
+        (tokenizer.json + tokenizer_config.json), as checkpoints on the Hub carry theirs; a
+        smaller vocabulary gets no tokenizer files (loading its tokenizer warns and falls
+        back to GPT-2's packaged BPE).
     seed, config: as :func:`random_transformers_model` (default :data:`TINY_CONFIG`).
     Returns the directory as a Path. Raises ImportError without transformers.
     """
+    transformers = require_transformers("random_checkpoint")
     hf = random_transformers_model(seed, **config)
     path = Path(directory).expanduser()
     hf.save_pretrained(path)
+    if hf.config.vocab_size == 50257:
+        gpt2_files = Path(__file__).resolve().parent / "data"
+        transformers.AutoTokenizer.from_pretrained(str(gpt2_files)).save_pretrained(str(path))
     return path
 
 
