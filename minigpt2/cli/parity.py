@@ -117,10 +117,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _read_text(args: argparse.Namespace) -> tuple[str | None, str]:
-    """(text or None for --ids, where it came from)."""
-    given = [name for name in ("text", "file", "ids") if getattr(args, name) is not None]
-    if len(given) > 1:
-        raise CLIError(f"give one input: --{given[0]} or --{given[1]}, not both", code=2)
+    """(text or None for --ids, where it came from); _check_usage has made sure at most one is given."""
     if args.file is not None:
         if args.file == "-":
             return sys.stdin.read(), "stdin"
@@ -173,6 +170,9 @@ def _check_usage(args: argparse.Namespace) -> None:
             raise CLIError("--against needs exactly one of --model NAME_OR_PATH or --dump THEIRS.safetensors", code=2)
     elif args.dump is not None:
         raise CLIError("--dump needs --against REF.safetensors (the reference to hold it against)", code=2)
+    given = [name for name in ("text", "file", "ids") if getattr(args, name) is not None]
+    if len(given) > 1:  # a usage error, found before the checkpoint is loaded
+        raise CLIError(f"give one input: --{given[0]} or --{given[1]}, not both", code=2)
     if args.export is not None:  # before minutes of work, not after
         out = Path(args.export).expanduser()
         if out.is_dir():
