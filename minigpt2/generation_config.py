@@ -229,6 +229,12 @@ class GenerationConfig:
             else:
                 raise ValueError(f"unknown generation argument {key!r} (see minigpt2.GenerationConfig for the names)")
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field's value (or an ``extra`` key's), or ``default`` when unset: the read
+        ``model.generation_config`` offered when it was a plain dict, kept for code written then."""
+        value = getattr(self, key) if key in self.fields() else self.extra.get(key)
+        return default if value is None else value
+
     def fill_from(self, other: GenerationConfig | Mapping[str, Any]) -> None:
         """Set every field that is still None from ``other`` (a config or a mapping); ``extra``
         keys this config lacks are copied too."""
