@@ -150,7 +150,10 @@ def resolve_generation_config(
     else:
         raise ValueError(f"generation_config must be a GenerationConfig or a dict, got {type(generation_config).__name__}")
     own = getattr(model, "generation_config", None)
-    own = own if isinstance(own, GenerationConfig) else GenerationConfig.from_model_config(model.config.to_dict())
+    if isinstance(own, Mapping):  # set to a plain dict by hand (what it was before it became a GenerationConfig)
+        own = GenerationConfig.from_dict(own)
+    elif not isinstance(own, GenerationConfig):
+        own = GenerationConfig.from_model_config(model.config.to_dict())
     default_max_length = kwargs.get("max_length") is None and base.max_length is None and own.max_length is None
     base.fill_from(own)
     if assistant_model is not None and isinstance(getattr(assistant_model, "generation_config", None), GenerationConfig):
@@ -230,6 +233,8 @@ def _check_settings(
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer: pass tokenizer=Tokenizer.from_pretrained(...)")
+    if stop and not callable(getattr(tokenizer, "decode_bytes", None)):
+        raise ValueError(f"tokenizer must be a minigpt2.Tokenizer (it reads token bytes), got {type(tokenizer).__name__}")
 
     assisted = assistant_model is not None or gc.prompt_lookup_num_tokens is not None or gc.assistant_early_exit is not None
     if assisted and num_beams > 1:
@@ -671,6 +676,10 @@ def generate(
         if kwargs.get("stop_strings") is not None and kwargs["stop_strings"] != stop:
             raise ValueError("pass stop strings once: stop (minigpt2's name) or stop_strings (transformers'), not both")
         kwargs["stop_strings"] = stop
+    if "inputs" in kwargs:  # transformers' name for the prompt
+        if input_ids is not None:
+            raise ValueError("pass the prompt once: input_ids or inputs, not both")
+        input_ids = kwargs.pop("inputs")
     gc, default_max_length = resolve_generation_config(model, generation_config, kwargs, assistant_model)
     input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, gc.bos_token_id)
     s = _check_settings(

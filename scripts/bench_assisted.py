@@ -115,7 +115,8 @@ def assisted_rows(add: Callable[..., None], quick: bool = False, runs: int = 3, 
          dict(assistant_model=target, num_assistant_tokens=4, assistant_confidence_threshold=0.0)),
     ):
         stats: list[assisted.AssistedStats] = []
-        t = median_time(lambda kw=kw: stats.append(assisted.generate_with_stats(target, ids, **base, **kw)[1]), runs)
+        t = median_time(lambda kw=kw, stats=stats: stats.append(assisted.generate_with_stats(target, ids, **base, **kw)[1]),
+                        runs)
         s = stats[-1]
         add(f"assisted: {label} (tokens/s; acceptance {s.acceptance_rate:.2f}, "
             f"{s.tokens / max(s.rounds, 1):.2f} tokens a round)", new / t, None, "tok/s")

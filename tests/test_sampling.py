@@ -7,8 +7,6 @@ exactly; arithmetic (biases, penalties) within float rounding.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from transformers.generation import logits_process as lp
