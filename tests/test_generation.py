@@ -924,3 +924,28 @@ def test_generation_config_rejects_unknown_and_unsupported(lively: Any) -> None:
     with pytest.raises(ValueError, match="guidance_scale"):
         model.generate(ids, max_new_tokens=2, guidance_scale=1.5)
     assert model.generate(ids, max_new_tokens=2, use_cache=False, guidance_scale=1.0).shape == (1, 6)  # no-ops
+
+
+@pytest.mark.parametrize("strategy", [dict(), dict(do_sample=True), dict(num_beams=3, num_return_sequences=2),
+                                      dict(num_beams=2, do_sample=True)], ids=["greedy", "sampling", "beams", "beam-sampling"])
+def test_everything_at_once_on_a_left_padded_batch(lively: Any, strategy: dict[str, Any]) -> None:
+    """Every processor and warper together, mixed with the existing ones, padding included."""
+    model, hf = lively
+    ids, mask, _ = left_padded()
+    free = greedy_path(model, ids, 6)
+    kw = dict(
+        max_new_tokens=10, eos_token_id=free[2][3], min_length=9, repetition_penalty=1.2, no_repeat_ngram_size=3,
+        bad_words_ids=[[free[0][1]], [free[1][0], free[1][1]]], sequence_bias={(free[2][0],): -3.0, (7, 8): 2.0},
+        suppress_tokens=[free[0][4]], begin_suppress_tokens=[free[1][0]], exponential_decay_length_penalty=(4, 1.2),
+        encoder_repetition_penalty=1.1, temperature=0.9, top_k=200, top_p=0.95, min_p=0.01, typical_p=0.99,
+        epsilon_cutoff=1e-4, eta_cutoff=1e-4, renormalize_logits=True, **strategy,
+    )  # fmt: skip
+    assert_same(*both(model, hf, ids, mask, seed=13, **kw))
+
+
+def test_inputs_is_transformers_name_for_the_prompt(lively: Any) -> None:
+    model, _ = lively
+    ids = prompts(1, 5)
+    assert torch.equal(model.generate(inputs=ids, max_new_tokens=3), model.generate(ids, max_new_tokens=3))
+    with pytest.raises(ValueError, match="once"):
+        model.generate(ids, inputs=ids, max_new_tokens=3)
