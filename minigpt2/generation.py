@@ -192,8 +192,8 @@ def _check_settings(
     T = prompt_len
     if gc.max_new_tokens is not None:
         max_length = gc.max_new_tokens + T
-    elif default_max_length:  # by default 20 new tokens, within the position table
-        max_length = min(gc.max_length + T, c.n_positions)
+    elif default_max_length or gc.max_length is None:  # by default 20 new tokens, within the position table
+        max_length = min((gc.max_length if gc.max_length is not None else DEFAULTS["max_length"]) + T, c.n_positions)
     else:
         max_length = gc.max_length
     if T >= max_length:
@@ -251,7 +251,8 @@ def _check_settings(
     processors = Processors.from_generation_config(gc, eos_ids=eos_ids, max_length=max_length)
     return Settings(
         config=gc, max_new_tokens=max_new, processors=processors, do_sample=do_sample, num_beams=num_beams,
-        length_penalty=float(gc.length_penalty), early_stopping=gc.early_stopping, num_return_sequences=n_return,
+        length_penalty=1.0 if gc.length_penalty is None else float(gc.length_penalty),
+        early_stopping=bool(gc.early_stopping) if gc.early_stopping != "never" else "never", num_return_sequences=n_return,
         eos_ids=eos_ids, pad_token_id=pad, stop=stop, max_time=gc.max_time,
         output_scores=bool(gc.output_scores), output_logits=bool(gc.output_logits),
         return_dict=bool(gc.return_dict_in_generate), assisted=assisted,

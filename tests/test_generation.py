@@ -949,3 +949,14 @@ def test_inputs_is_transformers_name_for_the_prompt(lively: Any) -> None:
     assert torch.equal(model.generate(inputs=ids, max_new_tokens=3), model.generate(ids, max_new_tokens=3))
     with pytest.raises(ValueError, match="once"):
         model.generate(ids, inputs=ids, max_new_tokens=3)
+
+
+def test_every_setting_accepts_an_explicit_none(tiny: Any) -> None:
+    """None means "not set" for every GenerationConfig field, as in transformers: no crash."""
+    model, _ = tiny
+    ids = prompts(2, 4)
+    for name in minigpt2.GenerationConfig.fields():
+        out = model.generate(ids, **{"max_new_tokens": 3, name: None})
+        assert out.shape[0] == 2 and out.shape[1] > 4, name
+    for name in ("max_new_tokens", "max_length"):
+        assert model.generate(ids, max_new_tokens=None, max_length=None).shape[1] <= 4 + 20, name
