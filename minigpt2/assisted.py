@@ -85,7 +85,7 @@ ASSISTANT_FIELDS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "as
 class AssistedStats:
     """What a run of assisted decoding did (``generate_with_stats``)."""
 
-    rounds: int = 0  # model forwards after the first (one per round)
+    rounds: int = 0  # the model's checking forwards (one per round)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the model kept
     tokens: int = 0  # tokens generated
@@ -169,11 +169,14 @@ class _ModelDraft:
             logits = _forward_last(self.model, token[:, None], self.positions[:, at : at + 1], m, self.cache, self.dec)
         return len(qs), torch.stack(qs)
 
-    def accepted(self, valid_len: int, n_drafted: int, n_matches: int) -> None:
-        """After a round: forget what the model rejected; adapt the draft length."""
-        self.cache.crop(min(self.cache.length, valid_len))
+    def adapt(self, n_drafted: int, n_matches: int) -> None:
+        """num_assistant_tokens_schedule: +2 after a round the model accepted whole, else -1."""
         if self.schedule in ("heuristic", "heuristic_transient"):
             self.k = self.k + 2 if n_matches == n_drafted else max(1, self.k - 1)
+
+    def crop(self, valid_len: int) -> None:
+        """Forget what the model rejected: keep the first ``valid_len`` positions (by length)."""
+        self.cache.crop(min(self.cache.length, valid_len))
 
 
 class _PromptLookup:
@@ -227,7 +230,10 @@ class _PromptLookup:
             probe = torch.cat([seq[:, :cur], torch.tensor([chosen[: j + 1]], device=seq.device)], dim=1)
         return len(chosen)
 
-    def accepted(self, valid_len: int, n_drafted: int, n_matches: int) -> None:
+    def adapt(self, n_drafted: int, n_matches: int) -> None:
+        pass
+
+    def crop(self, valid_len: int) -> None:
         pass
 
 
@@ -290,54 +296,55 @@ def _decode(
             _forward_last(model, ids[:, :-1], positions[:, : T - 1], None if mask is None else mask[:, :-1], cache, dec)
     rows = None if stop is None else [ids[0][mask[0].bool()].tolist() if mask is not None else ids[0].tolist()]
     cur = T
-    while cur < L:
-        with torch.inference_mode():
-            n_draft, q = drafts.propose(seq, cur, L - cur - 1)
-            start = cache.length
-            m = None if full_mask is None else full_mask[:, : cur + n_draft]
-            logits = _forward_all(model, seq[:, start : cur + n_draft], positions[:, start : cur + n_draft], m, cache, dec)
-            logits = logits[0, -(n_draft + 1) :]  # (n_draft + 1, V): the model's next-token logits at cur - 1 ...
-            scores = torch.stack([
-                sampling.process(p, seq[:, : cur + i], logits[i : i + 1], n_new=cur + i - T, eos_ids=eos,
-                                 prompt_start=prompt_start, prompt_ids=ids)[0]
-                for i in range(n_draft + 1)
-            ])  # fmt: skip
-            drafted = seq[0, cur : cur + n_draft]
-            if s.do_sample and q is not None:
-                valid, n_matches = _speculative_sampling(drafted, q, scores, generator)
-            else:  # greedy, or sampling without draft distributions: keep the drafts the model makes too
-                chosen = sampling.sample(scores, generator) if s.do_sample else sampling.greedy(scores)  # (n_draft + 1,)
-                agree = (chosen[:n_draft] == drafted).int()
-                n_matches = int(agree.cumprod(0).sum())
-                valid = chosen[: n_matches + 1]
-            stats.rounds += 1
-            stats.drafted += n_draft
-            stats.accepted += n_matches
-        # The accepted tokens, one Step each; the row ends at EOS, a stop string, the length
-        # limit or max_time, and nothing after that token counts.
-        valid_list = valid.tolist()
-        for i, t in enumerate(valid_list):
-            at = cur + i
+    try:
+        while cur < L:
             with torch.inference_mode():
-                seq[0, at] = t
-            done = t in eos_set or at + 1 >= L
-            if stop is not None:
-                rows[0].append(t)
-                done = done or stop.hit(rows[0])
-            last_of_round = i == len(valid_list) - 1
-            done = done or (last_of_round and deadline.passed())
-            stats.tokens += 1
-            yield Step(torch.tensor([t], device=dev), torch.tensor([done], device=dev), logits[i : i + 1], scores[i : i + 1])
-            if done:
-                if isinstance(drafts, _ModelDraft) and assistant_model is not None and drafts.schedule == "heuristic":
-                    assistant_model.generation_config.num_assistant_tokens = drafts.k
-                return
-        cur += len(valid_list)
-        with torch.inference_mode():
-            cache.crop(cur - 1)  # the model has seen every accepted token but the newest
-            drafts.accepted(cur - 1, n_draft, n_matches)
-    if isinstance(drafts, _ModelDraft) and assistant_model is not None and drafts.schedule == "heuristic":
-        assistant_model.generation_config.num_assistant_tokens = drafts.k
+                n_draft, q = drafts.propose(seq, cur, L - cur - 1)
+                start = cache.length
+                m = None if full_mask is None else full_mask[:, : cur + n_draft]
+                logits = _forward_all(model, seq[:, start : cur + n_draft], positions[:, start : cur + n_draft], m,
+                                      cache, dec)
+                logits = logits[0, -(n_draft + 1) :]  # (n_draft + 1, V): the next-token logits at cur - 1, cur, ...
+                scores = torch.stack([
+                    sampling.process(p, seq[:, : cur + i], logits[i : i + 1], n_new=cur + i - T, eos_ids=eos,
+                                     prompt_start=prompt_start, prompt_ids=ids)[0]
+                    for i in range(n_draft + 1)
+                ])  # fmt: skip
+                drafted = seq[0, cur : cur + n_draft]
+                if s.do_sample and q is not None:
+                    valid, n_matches = _speculative_sampling(drafted, q, scores, generator)
+                else:  # greedy, or sampling without draft distributions: keep the drafts the model makes too
+                    chosen = sampling.sample(scores, generator) if s.do_sample else sampling.greedy(scores)
+                    n_matches = int((chosen[:n_draft] == drafted).int().cumprod(0).sum())
+                    valid = chosen[: n_matches + 1]
+                drafts.adapt(n_draft, n_matches)
+                stats.rounds += 1
+                stats.drafted += n_draft
+                stats.accepted += n_matches
+            # The accepted tokens, one Step each; the row ends at EOS, a stop string, the length
+            # limit or max_time, and nothing after that token counts.
+            valid_list = valid.tolist()
+            for i, t in enumerate(valid_list):
+                at = cur + i
+                with torch.inference_mode():
+                    seq[0, at] = t
+                done = t in eos_set or at + 1 >= L
+                if stop is not None:
+                    rows[0].append(t)
+                    done = done or stop.hit(rows[0])
+                done = done or (i == len(valid_list) - 1 and deadline.passed())
+                stats.tokens += 1
+                yield Step(torch.tensor([t], device=dev), torch.tensor([done], device=dev), logits[i : i + 1],
+                           scores[i : i + 1])
+                if done:
+                    return
+            cur += len(valid_list)
+            with torch.inference_mode():
+                cache.crop(cur - 1)  # the model has seen every accepted token but the newest
+                drafts.crop(cur - 1)
+    finally:
+        if assistant_model is not None and getattr(drafts, "schedule", None) == "heuristic":
+            assistant_model.generation_config.num_assistant_tokens = drafts.k  # kept for the next call, as transformers
 
 
 def _speculative_sampling(
