@@ -777,6 +777,7 @@ def outcome(fn: Any) -> Any:
         return type(e)
 
 
+@pytest.mark.filterwarnings("ignore:.*(max_length|Unfeasible length constraints).*:UserWarning")  # transformers' own
 @pytest.mark.parametrize(
     "kw",
     [
@@ -807,6 +808,7 @@ def test_edge_values_do_what_transformers_does(lively: Any, kw: dict[str, Any]) 
         assert_same(ours, theirs)
 
 
+@pytest.mark.filterwarnings("ignore:.*max_length.*:UserWarning")  # transformers' advice to set max_new_tokens
 def test_default_length_stays_within_the_position_table(lively: Any) -> None:
     """No max_new_tokens / max_length: 20 new tokens, cut at n_positions (128 here), as there."""
     model, hf = lively
