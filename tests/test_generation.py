@@ -962,3 +962,14 @@ def test_every_setting_accepts_an_explicit_none(tiny: Any) -> None:
         assert out.shape[0] == 2 and out.shape[1] > 4, name
     for name in ("max_new_tokens", "max_length"):
         assert model.generate(ids, max_new_tokens=None, max_length=None).shape[1] <= 4 + 20, name
+
+
+def test_generation_config_from_pretrained(make_checkpoint: Any, tmp_path: Path) -> None:
+    d, hf = make_checkpoint(**LIVELY)
+    gc = minigpt2.GenerationConfig.from_pretrained(d)
+    assert gc == GPT2.from_pretrained(d).generation_config and gc.eos_token_id == hf.generation_config.eos_token_id
+    with pytest.raises(FileNotFoundError, match="generation_config.json"):
+        minigpt2.GenerationConfig.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        minigpt2.GenerationConfig.from_pretrained(tmp_path)
