@@ -136,6 +136,7 @@ def _hub_checkpoint(repo: HubRepo) -> tuple[Path, list[Path]]:
     config = repo.file(CONFIG)
     if config is None:
         raise repo.error()
+    repo.file(GENERATION_CONFIG)  # optional: fetched beside config.json when the repo has one
     for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
         found = repo.file(single)
         if found is not None:
@@ -344,7 +345,7 @@ def load_pretrained(
     model = model.to(dtype).to_empty(device=dev)
     model.lm_head.weight = model.transformer.wte.weight  # to_empty re-creates; re-tie
     load_state_from_files(model, weight_files)
-    model.generation_config = _generation_config(name_or_path, revision, config_file)
+    model.generation_config = _generation_config(config_file)
     model.name_or_path = os.fspath(name_or_path)
     return model.eval()
 
@@ -366,15 +367,13 @@ def read_generation_config(name_or_path: str | os.PathLike[str], revision: str |
         config_file = repo.file(CONFIG)
         if config_file is None:
             raise repo.error()
-    return _generation_config(name_or_path, revision, config_file)
+    return _generation_config(config_file)
 
 
-def _generation_config(name_or_path: str | os.PathLike[str], revision: str | None, config_file: Path) -> GenerationConfig:
-    """generation_config.json beside ``config_file`` (fetched from the Hub when the cache
-    lacks it), else what transformers derives from config.json itself."""
+def _generation_config(config_file: Path) -> GenerationConfig:
+    """generation_config.json beside ``config_file`` (a Hub download puts it there), else
+    what transformers derives from config.json itself."""
     gen = config_file.parent / GENERATION_CONFIG
-    if not gen.is_file() and local_dir(name_or_path) is None:
-        gen = HubRepo(os.fspath(name_or_path), revision).file(GENERATION_CONFIG) or gen
     if gen.is_file():
         return GenerationConfig.from_json_file(gen)
     return GenerationConfig.from_model_config(_read_json(config_file))

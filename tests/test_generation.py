@@ -973,3 +973,34 @@ def test_generation_config_from_pretrained(make_checkpoint: Any, tmp_path: Path)
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="generation_config.json"):
         minigpt2.GenerationConfig.from_pretrained(tmp_path)
+
+
+def test_generation_config_from_a_hub_repo(make_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the Hub, generation_config.json is fetched beside config.json (a stand-in for
+    huggingface_hub serves a local snapshot); a repo without one derives it from config.json."""
+    import json
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    src, _ = make_checkpoint(**LIVELY)
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(src, snapshot)
+    data = json.loads((snapshot / "generation_config.json").read_text())
+    (snapshot / "generation_config.json").write_text(json.dumps({**data, "do_sample": True, "top_k": 3}))
+    asked: list[str] = []
+
+    def fake_download(repo_id: str, filename: str, **kw: Any) -> str:
+        asked.append(filename)
+        if not (snapshot / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the decision to go online is not what is tested here
+    model = GPT2.from_pretrained("someone/ft")
+    assert "generation_config.json" in asked and model.generation_config.top_k == 3
+    assert minigpt2.GenerationConfig.from_pretrained("someone/ft").do_sample is True
+    (snapshot / "generation_config.json").unlink()
+    assert GPT2.from_pretrained("someone/ft").generation_config.eos_token_id == 999  # derived from config.json
