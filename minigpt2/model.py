@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from . import generation, internals
 from .cache import KVCache
 from .config import GPT2Config
+from .generation_config import GenerationConfig
 
 #: fn(activation, name) -> replacement tensor or None (keep the activation).
 HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
@@ -292,7 +293,9 @@ class GPT2(nn.Module):
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, counted once
-        self.generation_config: dict[str, Any] = {}  # the checkpoint's generation_config.json
+        # The defaults of generate: the checkpoint's generation_config.json once loaded; for a
+        # model built from a config, what transformers derives from that config (bos / eos / pad).
+        self.generation_config = GenerationConfig.from_model_config(config.to_dict())
         self.name_or_path: str | None = None  # where from_pretrained found the weights
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale residual-path projections by 1/sqrt(N), N = 2 per block
@@ -392,6 +395,7 @@ class GPT2(nn.Module):
     # -------------------------------------------------------------- generation
     generate = generation.generate  # model.generate(input_ids, ..., max_new_tokens=N): see generation.py
     stream = generation.stream  # model.stream(tokenizer, prompt, ...): the same, step by step
+    compute_transition_scores = generation.compute_transition_scores  # each generated token's score
 
     # ------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -522,11 +526,11 @@ def default_position_ids(
     T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
     """Positions of the T new tokens: past .. past + T - 1, or, with padding, counted over
-    real tokens only (cumsum(mask) - 1, padding at 1), as transformers' generate does."""
+    real tokens only (cumsum(mask) - 1, padding at 0), as transformers 5's generate does."""
     if attention_mask is None or bool(attention_mask.all()):
         return torch.arange(past, past + T, device=device)[None]  # (1, T)
     pos = attention_mask.long().cumsum(-1) - 1
-    pos = pos.masked_fill(attention_mask == 0, 1)
+    pos = pos.masked_fill(attention_mask == 0, 0)
     return pos[:, past:]  # (B, T)
 
 

@@ -64,7 +64,7 @@ def test_safetensors(tiny):
     path, hf = tiny
     model = GPT2.from_pretrained(path, device="cpu")
     assert_matches(model, hf)
-    assert model.generation_config.get("eos_token_id") == hf.config.eos_token_id
+    assert model.generation_config.eos_token_id == hf.generation_config.eos_token_id == hf.config.eos_token_id
     assert model.name_or_path == os.fspath(path)
     # Exact: every parameter equals transformers' bit for bit.
     ref = hf.state_dict()
