@@ -9,7 +9,6 @@ sampling, every sweep column against model.generate.
 from __future__ import annotations
 
 import base64
-import dataclasses
 
 import numpy as np
 import pytest
@@ -158,18 +157,18 @@ def test_step_rejects_bad_mode_seed_and_length(model_and_tok):
         data.step(model, tok, [464] * 256, mode="greedy")
 
 
-def test_min_p_and_typical_p_follow_the_library(model_and_tok):
-    """Shown and accepted only where minigpt2.sampling has them (the generation issue)."""
+def test_min_p_and_typical_p_are_the_library_s(model_and_tok):
+    """The panel and the sweep have min-p and typical-p, and a step with them is sampling's."""
     model, tok = model_and_tok
-    fields = {f.name for f in dataclasses.fields(sampling.Processors)}
-    have = data.available_warpers()
-    for name in data.OPTIONAL_WARPERS:
-        assert (name in have) == (name in fields and callable(getattr(sampling, name, None)))
-        keys = [s.key for s in data.strategies()]
-        assert any(k.startswith(name) for k in keys) == (name in have)
-        if name not in have:
-            with pytest.raises(data.BadValue, match=f"{name} is not in this minigpt2"):
-                data.step(model, tok, [464], mode="sample", settings={name: 0.5}, seed=0)
+    assert {"min_p", "typical_p"} <= set(data.available_warpers())
+    keys = [s.key for s in data.strategies()]
+    assert {"min_p-0.1", "min_p-0.05", "typical_p-0.9", "typical_p-0.5"} <= set(keys)
+    settings = data.ProcessorSettings.parse({"min_p": 0.2, "typical_p": 0.9, "top_k": 0})
+    p = settings.processors(do_sample=True)
+    assert p.min_p == 0.2 and p.typical_p == 0.9
+    assert data.ProcessorSettings.parse({"typical_p": 1.0}).processors(do_sample=True).typical_p in (None, 1.0)  # 1 = off
+    with pytest.raises(data.BadValue, match="min_p"):
+        data.ProcessorSettings.parse({"min_p": 1.5})
 
 
 def test_attention_is_run_with_cache(model_and_tok):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import codecs
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,20 +116,13 @@ def _processor_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(sampling.Processors)}
 
 
-def _generate_arguments() -> set[str]:
-    return set(inspect.signature(generate).parameters)
-
-
-# min-p and typical-p arrive with the generation issue; the page shows them when the library
-# has them (a Processors field, a sampling function, a generate argument), and only then.
-OPTIONAL_WARPERS = ("min_p", "typical_p")
+#: The next-token panel's processors, in transformers' order (``sampling.process``).
+PANEL_PROCESSORS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
 def available_warpers() -> list[str]:
-    """The processors this minigpt2 has that the page can show, in transformers' order."""
-    base = ["repetition_penalty", "temperature", "top_k", "top_p"]
-    fields, args = _processor_fields(), _generate_arguments()
-    return base + [w for w in OPTIONAL_WARPERS if w in fields and w in args and callable(getattr(sampling, w, None))]
+    """The processors the page shows, in transformers' order."""
+    return list(PANEL_PROCESSORS)
 
 
 def model_info(model: GPT2, tokenizer: Tokenizer, name: str | None = None) -> dict[str, Any]:
@@ -377,14 +369,10 @@ class ProcessorSettings:
         kw: dict[str, Any] = dict(repetition_penalty=self.repetition_penalty, do_sample=do_sample)
         if do_sample:
             kw.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-            have = available_warpers()
-            for name in OPTIONAL_WARPERS:
+            for name in ("min_p", "typical_p"):
                 value = getattr(self, name)
-                if value is None or (name == "typical_p" and value == 1.0):
-                    continue
-                if name not in have:
-                    raise BadValue(name, f"{name} is not in this minigpt2's sampling module (it comes with the generation issue)")
-                kw[name] = value
+                if value is not None and not (name == "typical_p" and value == 1.0):
+                    kw[name] = value
         return sampling.Processors(**kw)
 
 
@@ -479,18 +467,15 @@ def strategies() -> list[Strategy]:
     """The classic sweep on one prompt ("How to generate text", von Platen 2020; the
     transformers GPT-2 notebook), one knob at a time, every other warper off: greedy;
     temperature 0.5 / 1.0 / 1.5; top-k 1 / 50 / 500; top-p 0.95 / 0.75 / 0.5; beam search;
-    then min-p and typical-p when this minigpt2 has them."""
+    then min-p 0.1 / 0.05 and typical-p 0.9 / 0.5."""
     out = [Strategy("greedy", "greedy", "greedy", {"do_sample": False})]
     out += [Strategy(f"temperature-{t}", f"temperature {t}", "temperature", _sampled(temperature=t)) for t in (0.5, 1.0, 1.5)]
     out += [Strategy(f"top_k-{k}", f"top-k {k}", "top-k", _sampled(top_k=k)) for k in (1, 50, 500)]
     out += [Strategy(f"top_p-{p}", f"top-p {p}", "top-p", _sampled(top_p=p)) for p in (0.95, 0.75, 0.5)]
     out.append(Strategy("beam-5", "beam search, 5 beams", "beam search",
                         {"do_sample": False, "num_beams": 5, "early_stopping": True}))
-    have = available_warpers()
-    if "min_p" in have:
-        out += [Strategy(f"min_p-{p}", f"min-p {p}", "min-p", _sampled(min_p=p)) for p in (0.1, 0.05)]
-    if "typical_p" in have:
-        out += [Strategy(f"typical_p-{p}", f"typical-p {p}", "typical-p", _sampled(typical_p=p)) for p in (0.9, 0.5)]
+    out += [Strategy(f"min_p-{p}", f"min-p {p}", "min-p", _sampled(min_p=p)) for p in (0.1, 0.05)]
+    out += [Strategy(f"typical_p-{p}", f"typical-p {p}", "typical-p", _sampled(typical_p=p)) for p in (0.9, 0.5)]
     return out
 
 

@@ -145,16 +145,14 @@ const CONTROLS = [
   { key: "temperature", label: "temperature", min: 0.05, max: 2, step: 0.05, value: 1 },
   { key: "top_k", label: "top-k (0 = off)", min: 0, max: 200, step: 1, value: 50, int: true },
   { key: "top_p", label: "top-p (1 = off)", min: 0.01, max: 1, step: 0.01, value: 1 },
-  { key: "min_p", label: "min-p (0 = off)", min: 0, max: 1, step: 0.01, value: 0, optional: true },
-  { key: "typical_p", label: "typical-p (1 = off)", min: 0.01, max: 1, step: 0.01, value: 1, optional: true },
+  { key: "min_p", label: "min-p (0 = off)", min: 0, max: 1, step: 0.01, value: 0 },
+  { key: "typical_p", label: "typical-p (1 = off)", min: 0.01, max: 1, step: 0.01, value: 1 },
   { key: "repetition_penalty", label: "repetition penalty", min: 0.5, max: 2, step: 0.05, value: 1 },
 ];
 
 function buildControls() {
   const box = $("controls");
-  const have = new Set(state.meta.processors);
   for (const c of CONTROLS) {
-    if (c.optional && !have.has(c.key)) continue;
     const d = state.meta.defaults[c.key]; // the library's defaults (None = off for min-p, typical-p)
     if (d !== null && d !== undefined) c.value = d;
     const range = el("input");
@@ -167,11 +165,6 @@ function buildControls() {
     label.htmlFor = c.key;
     box.append(label, range, num);
   }
-  const missing = CONTROLS.filter((c) => c.optional && !have.has(c.key)).map((c) => c.key.replace("_", "-"));
-  $("processor-note").textContent = missing.length
-    ? `${missing.join(" and ")}: not in this minigpt2's sampling module yet (they come with the generation issue); ` +
-      "the controls appear here as soon as the library has them."
-    : "";
 }
 
 // The controls as generate's arguments (min-p 0 and typical-p 1 mean off: null).
@@ -683,9 +676,6 @@ async function start() {
   const layer = $("layer");
   for (let i = 0; i < m.n_layer; i++) layer.append(new Option(String(i), String(i)));
   buildControls();
-  const missing = ["min_p", "typical_p"].filter((k) => !m.processors.includes(k));
-  $("sweep-note").textContent = missing.length
-    ? "min-p and typical-p columns join the sweep once minigpt2.sampling has them (the generation issue)." : "";
   loadArchitecture();
   await loadPrompt({ prompt: $("prompt").value });
   window.explore.ready = true;
