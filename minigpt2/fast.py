@@ -115,7 +115,7 @@ def usable(model: GPT2, hooks: _HookWatch | None = None) -> bool:
 def _standard(model: GPT2) -> bool:
     """The Decoder reproduces these module types only; a model with a module swapped in
     (a custom norm or activation, a wrapped block) takes the plain path."""
-    from .model import ACTIVATIONS, Conv1D, GPT2Attention, GPT2Block, GPT2MLP
+    from .model import ACTIVATIONS, GPT2MLP, Conv1D, GPT2Attention, GPT2Block
 
     t = model.transformer
     if type(t.ln_f) is not torch.nn.LayerNorm or type(t.wte) is not torch.nn.Embedding:
@@ -543,9 +543,8 @@ class StepThreads:
             self._back_off()
 
     def _back_off(self) -> None:
-        if self.current == 1:
-            self.interval = min(2 * self.interval, self.MAX_INTERVAL)
-        elif self.good < self.GOOD_RUN:  # the team disappointed soon after a probe sent us there
+        # on one thread, or the team disappointed soon after a probe sent us there: wait longer
+        if self.current == 1 or self.good < self.GOOD_RUN:
             self.interval = min(2 * self.interval, self.MAX_INTERVAL)
         self.countdown = self.interval
 

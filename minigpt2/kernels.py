@@ -591,8 +591,7 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
                 fn(x)
                 dt = clock() - t
                 total += dt
-                if dt < per[i]:
-                    per[i] = dt
+                per[i] = min(per[i], dt)
             totals[k].append(total)
         if r == 0:
             fastest = min(totals[k][0] for k in live)

@@ -372,7 +372,7 @@ def prefill_floor(model: Any, n_tokens: int) -> float:
         for i in range(c.n_layer):
             for j, mm in enumerate(p.rows[4 * i : 4 * i + 4]):
                 x = x_in[c.inner_dim if j == 3 else c.n_embd]
-                total += timed(lambda: mm(x))
+                total += timed(lambda mm=mm, x=x: mm(x))
             total += timed(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
         total += timed(lambda: p.unembed.mm(last))
     return total
