@@ -12,11 +12,15 @@ The full report, one random-weight checkpoint of the 124M shape unless said:
 2. the peers (``--skip-peers`` to leave out): ONNX Runtime on a torch.onnx export and
    llama.cpp (llama-cpp-python) on a GGUF converted by llama.cpp's own script, on the same
    weights, batch 1, each one's greedy tokens checked against transformers' first
-   (scripts/bench_peers.py; ``pip install -e ".[bench]"``, skipped with a line otherwise);
+   (scripts/bench_peers.py; ``pip install -e ".[bench]"``; without it the peer rows are
+   skipped with one line naming that extra);
 3. the prefill floor: a 1000-token prompt's GEMMs and attention timed alone, against the
    whole prefill, fp32 and bf16;
-4. the gpt2-xl shape (``--skip-xl`` to leave out): decode at batch 1 in fp32 and bf16, and
-   the load's peak memory (random weights written tensor by tensor, 6.2 GB on disk).
+4. the gpt2-xl shape (``--skip-xl`` to leave out; not in ``--quick``): decode at batch 1 in
+   fp32 and bf16, fp32 with ``assistant_model`` (a gpt2-shape draft), and the load's peak
+   memory (random weights written tensor by tensor, 6.2 GB on disk);
+5. assisted decoding (``--skip-assisted`` to leave out; scripts/bench_assisted.py): a
+   gpt2-large-shape target alone and with assistants, and the speed-up its step costs imply.
 
 What is timed is the path a user takes: ``GPT2.from_pretrained(dir)`` (or with
 ``dtype=torch.bfloat16``) and ``model.generate(...)`` with no extra flags, against
@@ -441,26 +445,42 @@ def peer_rows(bench: Bench, workdir: Path) -> None:
     }
     cache = Path.home() / ".cache" / "minigpt2" / "peers"
     converter: list[Path] = []
+    converter_failed: list[str] = []  # said once, not fetched again for the next llama.cpp row
 
     def llama(outtype: str, fa: bool) -> Any:
         if not converter:
-            converter.append(bp.find_converter(a.gguf_converter, cache))
+            try:
+                converter.append(bp.find_converter(a.gguf_converter, cache))
+            except bp.PeerUnavailable as e:
+                converter_failed.append(str(e))
+                raise
         return bp.LlamaCppPeer(a.checkpoint_dir, workdir, outtype, fa, threads, converter[0],
                                n_ctx=bench.ours.config.n_positions)
 
+    # (label, the modules it needs, how to make it)
     makers = [
-        ("ONNX Runtime (torch.onnx export) fp32", lambda: bp.OnnxRuntimePeer(bench.ours, workdir, threads)),
-        ("llama.cpp f32", lambda: llama("f32", False)),
-        ("llama.cpp (flash attention) f32", lambda: llama("f32", True)),
-        ("llama.cpp (flash attention) f16", lambda: llama("f16", True)),
+        ("ONNX Runtime (torch.onnx export) fp32", ("onnxruntime", "onnx", "onnxscript"),
+         lambda: bp.OnnxRuntimePeer(bench.ours, workdir, threads)),
+        ("llama.cpp f32", ("llama_cpp", "gguf"), lambda: llama("f32", False)),
+        ("llama.cpp (flash attention) f32", ("llama_cpp", "gguf"), lambda: llama("f32", True)),
+        ("llama.cpp (flash attention) f16", ("llama_cpp", "gguf"), lambda: llama("f16", True)),
     ]
+    # What is not installed is said once, in one line naming the extra, for every peer it skips.
+    absent = bp.missing(*dict.fromkeys(m for _, mods, _ in makers for m in mods))
+    if absent:
+        skipped = [label for label, mods, _ in makers if bp.missing(*mods)]
+        print(f"# peers skipped ({', '.join(skipped)}): {absent}")
     peers: list[Any] = []
-    for label, make in makers:
-        try:
-            peer = make()
-        except bp.PeerUnavailable as e:
-            print(f"# peer {label}: skipped: {e}")
-            bench.peers.append({"engine": label, "skipped": str(e)})
+    for label, mods, make in makers:
+        reason = bp.missing(*mods) or (converter_failed[0] if converter_failed and mods[0] == "llama_cpp" else None)
+        if reason is None:
+            try:
+                peer = make()
+            except bp.PeerUnavailable as e:
+                reason = str(e)
+                print(f"# peer {label}: skipped: {e}")
+        if reason is not None:
+            bench.peers.append({"engine": label, "skipped": reason})
             continue
         peers.append(peer)
         engines[(peer.name, peer.weights)] = {

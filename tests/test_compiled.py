@@ -80,3 +80,21 @@ def test_compile_flag_is_checked(make_checkpoint) -> None:
     directory, _ = make_checkpoint(seed=41)
     with pytest.raises(ValueError, match="compile must be True or False"):
         GPT2.from_pretrained(directory, device="cpu", compile="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_on_cuda_warns_and_stays_eager_and_exact(make_checkpoint) -> None:
+    """No CUDA-graph step was built (no GPU to test it on): on CUDA the flag says so in one
+    warning, and generation stays the eager path, token-identical with transformers."""
+    import transformers
+
+    directory, _ = make_checkpoint(seed=41)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(directory).cuda().eval()
+    with pytest.warns(UserWarning, match="CPU-only"):
+        model = GPT2.from_pretrained(directory, device="cuda", compile=True)
+    ids = _ids(1, 6, seed=4).cuda()
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                  do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, min_new_tokens=8), want)
+    assert compiled.compile_seconds(model) == {}
