@@ -216,7 +216,7 @@ def convert_to_gguf(checkpoint: Path, out: Path, outtype: str, converter: Path) 
     """The checkpoint as GGUF, by llama.cpp's converter. It reads GPT-2's original config key
     ``n_ctx`` (transformers 5 no longer writes it) and the tokenizer files, so it runs on a
     staging folder: the weights linked, config.json with n_ctx, GPT-2's vocab and merges."""
-    from minigpt2 import tokenizer as tok
+    import minigpt2
 
     with tempfile.TemporaryDirectory(prefix="minigpt2-gguf-") as tmp:
         stage = Path(tmp)
@@ -226,7 +226,7 @@ def convert_to_gguf(checkpoint: Path, out: Path, outtype: str, converter: Path) 
         config = json.loads((checkpoint / "config.json").read_text())
         config.setdefault("n_ctx", config.get("n_positions", 1024))
         (stage / "config.json").write_text(json.dumps(config))
-        data = Path(tok.__file__).parent / "data"
+        data = Path(minigpt2.__file__).parent / "data"  # GPT-2's vocab.json, merges.txt, as bundled
         for f in data.iterdir():
             if not (stage / f.name).exists():
                 shutil.copy(f, stage / f.name)
