@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .hub import read_json
+
 #: Activation functions GPT-2-architecture checkpoints use, by their config name.
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
 
@@ -113,13 +115,7 @@ class GPT2Config:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GPT2Config:
         """Read a config.json; FileNotFoundError / ValueError name the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        data = read_json(path, what="config file")
         try:
             return cls.from_dict(data)
         except ValueError as e:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .hub import read_json
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 #: Values a field takes when neither the call, the generation_config argument nor the
@@ -192,13 +194,7 @@ class GenerationConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> GenerationConfig:
         """Read a generation_config.json; FileNotFoundError / ValueError name the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"generation config not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        data = read_json(path, what="generation config")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:

@@ -16,11 +16,13 @@ wants and what to do when the repo lacks one:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["HubRepo", "NotADirectory", "atomic_write", "hub_offline", "hub_reachable", "local_dir", "looks_like_path"]
@@ -158,6 +160,25 @@ class HubRepo:
         return ValueError(
             f"could not get {self.what} {self.repo_id!r} from the Hugging Face Hub (and no such local directory): {reason}"
         )
+
+
+def read_json(path: str | os.PathLike[str], kind: type = dict, what: str = "file") -> Any:
+    """The JSON value of a file that must hold a ``kind`` (``dict`` for an object, ``list``
+    for an array): configs, tokenizer files, indexes.
+
+    Raises FileNotFoundError ("{what} not found: path") when the file is missing, and
+    ValueError naming the file when it is not UTF-8 JSON or holds another kind of value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, got {type(value).__name__}")
+    return value
 
 
 def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[str], object]) -> None:

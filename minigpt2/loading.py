@@ -27,7 +27,7 @@ import torch
 
 from .config import GPT2Config
 from .generation_config import GenerationConfig
-from .hub import HubRepo, atomic_write, local_dir
+from .hub import HubRepo, atomic_write, local_dir, read_json
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -376,17 +376,7 @@ def _generation_config(config_file: Path) -> GenerationConfig:
     gen = config_file.parent / GENERATION_CONFIG
     if gen.is_file():
         return GenerationConfig.from_json_file(gen)
-    return GenerationConfig.from_model_config(_read_json(config_file))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+    return GenerationConfig.from_model_config(read_json(config_file))
 
 
 # --------------------------------------------------------------------------- saving

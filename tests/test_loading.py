@@ -246,11 +246,15 @@ def test_config_of_another_architecture(tiny, tmp_path, config):
         GPT2.from_pretrained(ckpt)
 
 
-def test_config_not_json(tiny, tmp_path):
+@pytest.mark.parametrize(("text", "says"), [("{oops", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list"),
+                                             (b"\xff\xfe{}", "not valid JSON")])  # fmt: skip
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_config_not_json(tiny, tmp_path, name, text, says):
     ckpt = new_checkpoint(tmp_path, tiny[0])
     shutil.copy(tiny[0] / "model.safetensors", ckpt)
-    (ckpt / "config.json").write_text("{oops")
-    with pytest.raises(ValueError, match="config.json"):
+    path = ckpt / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=f"{name}.*{says}"):
         GPT2.from_pretrained(ckpt)
 
 

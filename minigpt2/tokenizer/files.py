@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..hub import atomic_write
+from ..hub import atomic_write, read_json
 from .added_tokens import AddedToken
 from .bytelevel import ByteLevelBPE
 
@@ -119,17 +119,6 @@ def _file_ref(path: Path) -> _FileRef:
     return _FileRef(resolved, digest)
 
 
-def _read_json(path: Path, kind: type = dict) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, got {type(value).__name__}")
-    return value
-
-
 def _parse_merges(raw: Sequence[Any], source: str) -> list[tuple[str, str]]:
     """Merges as ``(left, right)`` from merges.txt lines (``"a b"``) or tokenizer.json entries
     (``"a b"`` or ``["a", "b"]``)."""
@@ -145,7 +134,7 @@ def _parse_merges(raw: Sequence[Any], source: str) -> list[tuple[str, str]]:
 @functools.lru_cache(maxsize=8)
 def _vocab_merges_bpe(vocab: _FileRef, merges: _FileRef) -> ByteLevelBPE:
     vocab_path, merges_path = vocab.path, merges.path
-    vocab = _read_json(vocab_path)
+    vocab = read_json(vocab_path)
     lines = merges_path.read_text(encoding="utf-8").split("\n")
     raw = [line.rstrip("\r") for i, line in enumerate(lines) if line.strip() and not (i == 0 and line.startswith("#version"))]
     return ByteLevelBPE(vocab, _parse_merges(raw, str(merges_path)), source=str(vocab_path.parent))
@@ -167,7 +156,7 @@ class _TokenizerJson:
 @functools.lru_cache(maxsize=8)
 def _tokenizer_json(ref: _FileRef) -> _TokenizerJson:
     path = ref.path
-    data = _read_json(path)
+    data = read_json(path)
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
         raise ValueError(f"{path}: 'model' must hold a BPE 'vocab' object and a 'merges' list")
@@ -327,7 +316,7 @@ def _read_files_cached(
 ) -> TokenizerSpec:
     keys = dict(key)
     paths = {name: ref.path for name, ref in keys.items()}
-    config: dict[str, Any] = _read_json(paths[CONFIG_JSON]) if CONFIG_JSON in paths else {}
+    config: dict[str, Any] = read_json(paths[CONFIG_JSON]) if CONFIG_JSON in paths else {}
 
     tj = _tokenizer_json(keys[TOKENIZER_JSON]) if TOKENIZER_JSON in keys else None
     if tj is not None:
@@ -346,7 +335,7 @@ def _read_files_cached(
     init = dict(config)
     has_decoder = "added_tokens_decoder" in config
     if not has_decoder and SPECIAL_TOKENS_MAP_JSON in paths:
-        init.update(_read_json(paths[SPECIAL_TOKENS_MAP_JSON]))
+        init.update(read_json(paths[SPECIAL_TOKENS_MAP_JSON]))
     for name, value in overrides:
         if name not in SPECIAL_TOKEN_NAMES and not name.endswith("_token"):
             raise ValueError(f"{name!r} is not a special token name ({', '.join(SPECIAL_TOKEN_NAMES)}, or another *_token)")
@@ -385,7 +374,7 @@ def _read_files_cached(
             declared[_token_id(idx, where)] = AddedToken.from_json(entry, where=where)
     else:
         if ADDED_TOKENS_JSON in paths:
-            for content, idx in _read_json(paths[ADDED_TOKENS_JSON]).items():
+            for content, idx in read_json(paths[ADDED_TOKENS_JSON]).items():
                 is_special = content in special_contents
                 where = f"{paths[ADDED_TOKENS_JSON]}: {content!r}"
                 declared[_token_id(idx, where)] = AddedToken(content, normalized=not is_special, special=is_special)
