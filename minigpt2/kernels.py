@@ -72,6 +72,9 @@ TIE = 0.03
 QUIET = 1.10
 CLEAR = 0.10
 SAMPLES = 3
+#: Part of every cache key: raised when the rule that settles a decision changes, so that
+#: decisions an older rule settled (possibly under load) are measured again.
+DECISIONS_VERSION = 2
 
 #: After the first timed round, a candidate this many times slower than the fastest is not
 #: timed further; one ABSURD times slower than the fastest is cut short in the warm-up
@@ -422,19 +425,23 @@ def decision_key(role: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtyp
     shape_s = ",".join("x".join(map(str, s)) for s in unique) + f" ({len(shapes)} matrices)"
     dt = str(dtype).removeprefix("torch.")
     bucket = batch_size if isinstance(batch_size, str) else f"batch {batch_bucket(batch_size)}"
-    return f"{host_id()} | torch {torch.__version__}, {torch.get_num_threads()} threads | {role} {shape_s} | {dt} | {bucket}"
+    # DECISIONS_VERSION: decisions settled by an older rule are measured again, not trusted.
+    return (f"{host_id()} | torch {torch.__version__}, {torch.get_num_threads()} threads, decisions v{DECISIONS_VERSION} | "
+            f"{role} {shape_s} | {dt} | {bucket}")
 
 
 @dataclass
 class Sample:
-    """One measurement: best seconds per pass of each candidate, and how noisy it was
-    (the largest ratio of a candidate's median round to its best round)."""
+    """One measurement: best seconds per pass of each candidate, how noisy it was (the
+    largest ratio of a candidate's median round to its best round), and whether every
+    candidate was timed through every round (none dropped as hopeless or cut short)."""
 
     seconds: dict[str, float]
     noise: float
+    complete: bool = True
 
     def to_json(self) -> dict:
-        return {"seconds_per_pass": self.seconds, "noise": round(self.noise, 4),
+        return {"seconds_per_pass": self.seconds, "noise": round(self.noise, 4), "complete": self.complete,
                 "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
 
 
@@ -444,8 +451,9 @@ def decide(samples: Sequence[dict], candidates: Sequence[str]) -> tuple[str, boo
     Each candidate's time is its best over all samples (other processes only ever add
     time, so the minimum is the kernel's own speed, and more samples only sharpen it); the
     first candidate (cheapest first) within TIE of the fastest wins. Settled when there are
-    SAMPLES samples, or when the newest one was quiet (noise <= QUIET) and clear (the winner
-    ahead of every other candidate that is not tied with it by more than CLEAR).
+    SAMPLES samples, or when the newest one was quiet (noise <= QUIET), complete (every
+    candidate timed in every round: see time_passes) and clear (the winner ahead of every
+    other candidate that is not tied with it by more than CLEAR).
     """
     best_t: dict[str, float] = {}
     for s in samples:
@@ -461,7 +469,7 @@ def decide(samples: Sequence[dict], candidates: Sequence[str]) -> tuple[str, boo
     t = newest["seconds_per_pass"]
     rivals = [t[k] for k in ranked if k in t and t[k] > fastest * (1 + TIE)]
     clear = all(r >= min(t.values()) * (1 + CLEAR) for r in rivals)
-    quiet = newest.get("noise", float("inf")) <= QUIET
+    quiet = newest.get("noise", float("inf")) <= QUIET and newest.get("complete", True)
     return best, quiet and clear
 
 
@@ -563,26 +571,37 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
 
     A pass's time is the sum over matrices of each matrix's best time over the rounds: a
     preemption by another process spoils one matrix of one round, not the whole pass. A
-    candidate more than HOPELESS times slower than the fastest in the first timed round is
-    not timed further (the warm-up round holds one-time costs, such as oneDNN generating its
-    kernels, so it decides nothing; only a candidate ABSURD times slower than the fastest
-    finished one is cut short there). ``noise`` is the largest ratio of a candidate's median
-    round total to its best one.
+    candidate more than HOPELESS times slower than the fastest in both of the first two timed
+    rounds is not timed further (the warm-up round holds one-time costs, such as oneDNN
+    generating its kernels, so it decides nothing; only a candidate ABSURD times slower than
+    the fastest finished one is cut short there). ``noise`` is the largest ratio of a
+    candidate's median round total to its best one, over every candidate timed twice or more.
+
+    A burst of load can make a good candidate look hopeless or absurd, and a sample must not
+    then look quiet because the candidate it hit was never timed again (a busy AMD host here
+    settled bf16 on ``upcast`` that way, its three rivals timed once at 30x their speed). So
+    a candidate is dropped only after two timed rounds, one cut short in the warm-up is
+    tried once more after the rounds, and a sample in which any candidate was dropped or cut
+    is ``complete=False``: it is used, but it cannot settle a decision by itself (decide).
     """
     clock = time.perf_counter
-    warm: dict[str, float] = {}
-    for k, f in fns.items():  # warm-up: caches, oneDNN's kernel selection, page faults
-        limit = ABSURD * min(warm.values(), default=float("inf"))
+
+    def one_pass(k: str, limit: float = float("inf")) -> float:
         t = clock()
-        for fn, x in zip(f, xs):
+        for fn, x in zip(fns[k], xs):
             fn(x)
             if clock() - t > limit:
                 break
-        warm[k] = clock() - t
+        return clock() - t
+
+    warm: dict[str, float] = {}
+    for k in fns:  # warm-up: caches, oneDNN's kernel selection, page faults
+        warm[k] = one_pass(k, ABSURD * min(warm.values(), default=float("inf")))
     live = [k for k in fns if warm[k] <= ABSURD * min(warm.values())]
+    cut = [k for k in fns if k not in live]
     best = {k: [float("inf")] * len(xs) for k in live}
     totals: dict[str, list[float]] = {k: [] for k in live}
-    for r in range(rounds):
+    for r in range(max(rounds, 2)):
         for k in live:
             per = best[k]
             total = 0.0
@@ -593,12 +612,15 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
                 total += dt
                 per[i] = min(per[i], dt)
             totals[k].append(total)
-        if r == 0:
-            fastest = min(totals[k][0] for k in live)
-            live = [k for k in live if totals[k][0] <= HOPELESS * fastest]
+        if r == 1:
+            fastest = min(min(totals[k]) for k in live)
+            live = [k for k in live if min(totals[k]) <= HOPELESS * fastest]
     seconds = {k: (sum(best[k]) if k in best else warm[k]) for k in fns}
     noise = max((statistics.median(v) / max(min(v), 1e-12) for v in totals.values() if len(v) > 1), default=1.0)
-    return Sample(seconds, noise)
+    fastest_pass = min(seconds[k] for k in best)
+    for k in cut:
+        seconds[k] = min(seconds[k], one_pass(k, ABSURD * fastest_pass))
+    return Sample(seconds, noise, complete=not cut and len(live) == len(best))
 
 
 def choose_rows(
