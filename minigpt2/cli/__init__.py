@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 # The command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("generate", "inspect", "train")
+COMMAND_MODULES = ("generate", "inspect", "train", "serve")
 
 DEFAULT_MODEL = "gpt2"
 

@@ -236,6 +236,7 @@ class Engine:
                     if not request.done:
                         self._release(request)
                         self._emit(request, [ErrorOutput(f"the engine failed: {type(e).__name__}: {e}")])
+                        request.done = True
                 self._requests = []
         self._close()
 
@@ -252,7 +253,7 @@ class Engine:
             self.steps += 1
         with torch.inference_mode():
             for group in _prompt_groups(admitted):
-                if group[0].request.done:  # failed in an earlier group of this step
+                if group[0].request.finished:  # failed in an earlier group of this step
                     continue
                 try:
                     self._prefill(group, out)
@@ -268,6 +269,8 @@ class Engine:
         for request, error in failed.items():
             logger.error("request failed in an engine step", exc_info=error)
             self._emit(request, [ErrorOutput(f"the engine failed on this request: {type(error).__name__}: {error}")])
+        for request in self._requests:
+            request.done = request.finished  # its outputs are delivered now
         self._requests = [r for r in self._requests if not r.done]
 
     def _prefill(self, group: list[Sequence], out: dict[Request, list[Output]]) -> None:
@@ -373,14 +376,14 @@ class Engine:
             src, dst = move
             self.runner.move(src, dst, self.scheduler.running[dst].length)
         if all(s.is_finished for s in seq.request.sequences):
-            seq.request.done = True
+            seq.request.finished = True
 
     def _release(self, request: Request) -> None:
         """Free every sequence of a request that is gone or failed."""
         for seq in request.sequences:
             if not seq.is_finished:
                 self._free(seq, None)
-        request.done = True
+        request.finished = True
 
     def _echo(self, seq: Sequence, hidden: torch.Tensor | None) -> PromptOutput:
         text, tokens, offsets = self.strings.prompt(seq.prompt_ids)
@@ -422,10 +425,10 @@ class Engine:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineClosed("the engine shut down"))
         for request in self._requests:
-            if request.done or request.aborted:
-                continue
-            outputs = [self._finish(s, ABORT) for s in request.sequences if not s.is_finished]
-            self._emit(request, outputs)
+            if not (request.finished or request.aborted):
+                outputs = [self._finish(s, ABORT) for s in request.sequences if not s.is_finished]
+                self._emit(request, outputs)
+            request.finished = request.done = True
         self._requests = []
 
 

@@ -227,7 +227,8 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     sequences: list[Sequence] = field(default_factory=list)
     aborted: bool = False  # set by Engine.abort (any thread); acted on at the next step
-    done: bool = False  # every sequence finished, or the request failed
+    finished: bool = False  # every sequence ended, or the request failed (engine thread)
+    done: bool = False  # finished, and every output handed to ``emit``
 
     def __post_init__(self) -> None:
         if not _is_int(self.best_of) or self.best_of < 1:
