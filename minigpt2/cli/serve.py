@@ -68,6 +68,7 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # from here on connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         sock.close()
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -146,7 +146,7 @@ def validation_error(e: ValidationError | Any) -> tuple[str, str | None]:
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param
     if kind == "missing":
-        return f"{param} is required", param
+        return (f"{param} is required", param) if param else ("the body must be a JSON object", None)
     if kind in ("model_attributes_type", "dict_type") and not loc:
         return "the body must be a JSON object", None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
