@@ -144,6 +144,18 @@ def test_batched_decode_rows_match_each_row_alone(model: GPT2) -> None:
     assert int(step.argmax()) == int(ref)
 
 
+def test_batch_invariant_decode_is_bit_identical_to_alone(model: GPT2) -> None:
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    runner = ModelRunner(model, 3, batch_invariant=True)
+    for slot, p in enumerate(prompts):
+        runner.prefill(slot, p)
+    batched = runner.decode([100, 200, 300], [len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        alone = ModelRunner(model, 1)
+        alone.prefill(0, p)
+        assert torch.equal(batched[b], alone.decode([[100, 200, 300][b]], [len(p)])[0])
+
+
 # --------------------------------------------------------------------------- log-probs, echo
 def test_logprobs_are_the_raw_distribution(model: GPT2, engine: Engine) -> None:
     """Whatever the processors, a token's log-prob is log_softmax of the model's logits."""

@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
                    help="sequences decoded together, i.e. KV cache slots (default: 16)")
     p.add_argument("--max-queue", type=_int_at_least(1), default=256, metavar="N",
                    help="sequences that may wait for a slot; beyond it requests get 429 (default: 256)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="decode each sequence alone: outputs bit-identical to model.generate of the prompt alone "
+                   "whatever else runs, at single-stream speed (default: one batched step for all)")
     p.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${ENV_API_KEY}, else none)")
     p.add_argument("--cors-origin", default=None, metavar="ORIGIN",
@@ -90,7 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)
     model, tokenizer = load_model_and_tokenizer(args)
     name = args.served_model_name or args.model
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                    batch_invariant=args.batch_invariant)
     print(f"minigpt2 serve: warming up {name} ({engine.runner.max_batch_size} slots, "
           f"KV cache up to {engine.runner.memory_bytes / 2**30:.2f} GiB)", flush=True)  # fmt: skip
     engine.start()

@@ -67,6 +67,10 @@ class Engine:
     max_batch_size: KV slots, i.e. sequences decoded together.
     max_queue: sequences that may wait for a slot; ``submit`` raises QueueFull beyond it.
     max_prefill_tokens: prompt tokens prefilled per step (default: n_positions).
+    batch_invariant: decode each sequence alone, so that every output is bit-identical to
+        ``model.generate`` of its prompt alone whatever else runs (model_runner.py); by
+        default the running sequences share one batched step (fast; see the README for
+        how far that moves the logits).
 
     Use ``start()`` / ``shutdown()`` or ``with Engine(...) as engine:``.
     """
@@ -79,11 +83,12 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 256,
         max_prefill_tokens: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
-        self.runner = ModelRunner(model, max_batch_size)
+        self.runner = ModelRunner(model, max_batch_size, batch_invariant)
         self.scheduler = Scheduler(max_batch_size, max_queue, max_prefill_tokens or self.config.n_positions)
         self.strings = TokenStrings(tokenizer)
         eos = (model.generation_config or {}).get("eos_token_id", self.config.eos_token_id)

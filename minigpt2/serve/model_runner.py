@@ -15,7 +15,8 @@ Exactness (``model.generate`` of one prompt alone is the reference):
 - a decode step with n > 1 rows runs one [n, C] x [C, C'] product per weight matrix. BLAS
   computes row b of it with another summation order than the [1, C] product ``generate``
   runs, so logits differ in the last bits (measured: README, "Batch invariance"); processing
-  and sampling stay per row, on each sequence's own RNG.
+  and sampling stay per row, on each sequence's own RNG. ``batch_invariant=True`` decodes
+  each row alone instead: exact, at the price of reading the weights once per row.
 
 The fast path (fast.py) serves every forward it can (CPU, no hooks); otherwise the plain model
 runs, through the same two ``generation`` functions ``generate`` uses.
@@ -90,9 +91,10 @@ class ModelRunner:
     #: Rows of [rows, V] logits built at once when scoring a prompt (echo + logprobs).
     SCORE_CHUNK = 256
 
-    def __init__(self, model: GPT2, max_batch_size: int) -> None:
+    def __init__(self, model: GPT2, max_batch_size: int, batch_invariant: bool = False) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
+        self.batch_invariant = batch_invariant  # decode every row alone (see ``decode``)
         # torch.empty underneath: the OS commits the pages as positions are first written.
         self.memory = model.make_cache(max_batch_size)
         # Positions 0..clean[s] - 1 of slot s hold finite numbers. A decode step reads every
@@ -157,11 +159,22 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One step for the sequences in slots 0..n-1: token b at position positions[b].
-        Returns fp32 logits [n, V]."""
+        Returns fp32 logits [n, V].
+
+        With ``batch_invariant``, each row runs alone (generate's own batch-1 step, in its
+        slot): bit-identical to generate whatever else runs, at n times the weight reads."""
         model, n = self.model, len(tokens)
         dev = model.device
         ids = torch.tensor(tokens, device=dev)[:, None]  # (n, 1)
         pos = torch.tensor(positions, device=dev)[:, None]  # (n, 1)
+        if self.batch_invariant and n > 1:
+            dec = self._decoder(1)
+            rows = [
+                generation.decode_one_token(model, ids[b : b + 1], pos[b : b + 1], None,
+                                            SlotCache(self.memory, b, 1, [positions[b]]), dec)
+                for b in range(n)
+            ]  # fmt: skip
+            return torch.cat(rows)
         self._clean(n, max(positions) + 1)
         cache = SlotCache(self.memory, 0, n, positions)
         mask = None
