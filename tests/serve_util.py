@@ -29,7 +29,8 @@ class ServerProcess:
     """``python -m minigpt2 serve --model DIR --port 0 ARGS`` until ``stop()`` (or the with-block ends)."""
 
     def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "minigpt2", "serve", "--model", str(model_dir), "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
