@@ -14,10 +14,12 @@ threads in this process, reading the server-sent events as they come.
 Per level: aggregate output tokens/s (every request's ``usage.completion_tokens`` over the
 level's wall time), time to first token (send -> first chunk) and inter-token latency (the
 gaps between consecutive chunks of a stream; both servers send a chunk per token here),
-p50 / p99. Before the servers start, ``model.generate`` of one such prompt alone (batch 1,
-same tokens, median of 3 after a warm-up) gives the single-stream ceiling the server is held
-against. transformers serve runs with ``--continuous-batching`` when that works on this
-device (its log says "CB: True"), else without; the JSON and the table say which ran.
+p50 / p99. Both servers are up together and take the load level by level in turn (one under
+load at a time, the other idle), so that a drift of the host hits both alike. Before they
+start, ``model.generate`` of one such prompt alone (batch 1, same tokens, median of 3 after a
+warm-up) gives the single-stream figure the server is held against. transformers serve runs
+with ``--continuous-batching`` when that works on this device (its log says "CB: True"),
+else without; the JSON and the table say which ran.
 """
 
 from __future__ import annotations
@@ -233,18 +235,16 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
 
 
-def bench_server(server: Server, body: dict, texts: list[str], levels: list[int], new_tokens: int) -> dict[int, dict]:
-    bodies = [{**body, "prompt": t} for t in texts]
-    stream(server.url, bodies[0])  # warm-up: one whole stream, then one short round at the top level
-    run_level(server.url, [{**b, "max_tokens": 4} for b in bodies], max(levels), 1)
-    out = {}
-    for c in levels:
-        r = run_level(server.url, bodies, c, 3 if c == 1 else 2)
-        out[c] = r
-        print(f"  {server.name:<22} {c:>3} clients: {r['tokens_per_s']:8.1f} tok/s   TTFT p50 {r['ttft_p50_s'] * 1e3:7.0f} ms"
-              f"  p99 {r['ttft_p99_s'] * 1e3:7.0f} ms   ITL p50 {r['itl_p50_s'] * 1e3:6.1f} ms  p99 {r['itl_p99_s'] * 1e3:6.1f} ms",
-              flush=True)  # fmt: skip
-    return out
+def warm_up(server: Server, bodies: list[dict], top: int) -> None:
+    """One whole stream, then one short round at the top level (first-use costs stay out)."""
+    stream(server.url, bodies[0])
+    run_level(server.url, [{**b, "max_tokens": 4} for b in bodies], top, 1)
+
+
+def report_line(name: str, c: int, r: dict) -> None:
+    print(f"  {name:<20} {c:>3} clients: {r['tokens_per_s']:8.1f} tok/s   TTFT p50 {r['ttft_p50_s'] * 1e3:7.0f} ms"
+          f"  p99 {r['ttft_p99_s'] * 1e3:7.0f} ms   ITL p50 {r['itl_p50_s'] * 1e3:6.1f} ms  p99 {r['itl_p99_s'] * 1e3:6.1f} ms",
+          flush=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main
@@ -274,17 +274,28 @@ def main() -> int:
         report["generate_tokens_per_s"] = generate_rate(ckpt, texts[0], new_tokens)
         print(f"model.generate alone (batch 1): {report['generate_tokens_per_s']:.1f} tok/s", flush=True)
         body = {"model": str(ckpt), "max_tokens": new_tokens, "temperature": 0, "stream": True}
-        if args.only != "transformers":
-            s = Server("minigpt2 serve", [sys.executable, "-m", "minigpt2", "serve", "--model", str(ckpt), "--port", "0",
-                                          "--max-batch-size", str(args.max_batch_size)])  # fmt: skip
-            try:
-                report["minigpt2"] = bench_server(
-                    s, {**body, "ignore_eos": True, "stream_options": {"include_usage": True}}, texts, levels, new_tokens
-                )
-            finally:
+        servers: dict[str, tuple[Server, list[dict]]] = {}
+        try:
+            if args.only != "transformers":
+                s = Server("minigpt2 serve", [sys.executable, "-m", "minigpt2", "serve", "--model", str(ckpt), "--port",
+                                              "0", "--max-batch-size", str(args.max_batch_size)])  # fmt: skip
+                mg_body = {**body, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                servers["minigpt2"] = (s, [{**mg_body, "prompt": t} for t in texts])
+            if args.only != "minigpt2":
+                s, report["transformers_mode"], tf_body = start_transformers(ckpt, body, texts, new_tokens)
+                servers["transformers"] = (s, [{**tf_body, "prompt": t} for t in texts])
+            for name, (s, bodies) in servers.items():
+                warm_up(s, bodies, max(levels))
+            # Level by level, the servers in turn (both are up, one under load at a time), so
+            # that a slow drift of the host hits both alike.
+            for c in levels:
+                for name, (s, bodies) in servers.items():
+                    r = run_level(s.url, bodies, c, 3 if c == 1 else 2)
+                    report.setdefault(name, {})[c] = r
+                    report_line(s.name, c, r)
+        finally:
+            for s, _ in servers.values():
                 s.stop()
-        if args.only != "minigpt2":
-            report["transformers"], report["transformers_mode"] = bench_transformers(ckpt, body, texts, levels, new_tokens)
     _summary(report, levels)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
@@ -292,7 +303,7 @@ def main() -> int:
     return 0
 
 
-def bench_transformers(ckpt: Path, body: dict, texts: list[str], levels: list[int], new_tokens: int) -> tuple[dict, str]:
+def start_transformers(ckpt: Path, body: dict, texts: list[str], new_tokens: int) -> tuple[Server, str, dict]:
     """transformers serve, with --continuous-batching if that works here, else without."""
     gen_config = json.dumps({"max_new_tokens": new_tokens, "do_sample": False})  # no EOS id: EOS disabled
     tf_body = {**body, "generation_config": gen_config}
@@ -305,18 +316,19 @@ def bench_transformers(ckpt: Path, body: dict, texts: list[str], levels: list[in
         s = Server("transformers serve", cmd, url=f"http://127.0.0.1:{port}")
         try:
             stream(s.url, {**tf_body, "prompt": texts[0], "max_tokens": 2})
-            if mode == "continuous batching" and not any("CB: True" in line for line in s.lines):
-                print("transformers serve: continuous batching did not run on this device; running without", flush=True)
-                continue
-            print(f"transformers serve: {mode}", flush=True)
-            return bench_server(s, tf_body, texts, levels, new_tokens), mode
         except RuntimeError as e:
+            s.stop()
             if mode == "sequential":
                 raise
             print(f"transformers serve --continuous-batching failed ({e}); running without", flush=True)
-        finally:
+            continue
+        if mode == "continuous batching" and not any("CB: True" in line for line in s.lines):
             s.stop()
-    raise RuntimeError("unreachable")
+            print("transformers serve: continuous batching did not run on this device; running without", flush=True)
+            continue
+        print(f"transformers serve: {mode}", flush=True)
+        return s, mode, tf_body
+    raise RuntimeError("transformers serve did not start")
 
 
 def _summary(report: dict, levels: list[int]) -> None:
