@@ -94,6 +94,7 @@ def test_stream_equals_the_whole_response(client: Any, ckpt: Path) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1
 
 

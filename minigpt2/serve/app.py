@@ -287,7 +287,7 @@ class _Reply:
                 if not o.text and part is None and finish is None:
                     continue  # nothing a client can see (a held-back or partial character)
                 choice = {"text": o.text, "index": o.index, "logprobs": part, "finish_reason": finish}
-                yield _sse(protocol.completion(self.id, self.created, self.model, [choice], None))
+                yield _sse(protocol.completion(self.id, self.created, self.model, [choice], None, include_usage))
             if include_usage:
                 yield _sse(protocol.completion(self.id, self.created, self.model, [], self.usage()))
             yield format_sse_event(data_str="[DONE]")

@@ -219,9 +219,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-def completion(id: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
-    """A ``text_completion`` object (the whole response, or one stream chunk)."""
+def completion(id: str, created: int, model: str, choices: list[dict], usage: dict | None, with_usage: bool = True) -> dict:
+    """A ``text_completion`` object: the whole response, or one stream chunk (whose ``usage``
+    is null until the last chunk when the client asked for it, and absent otherwise)."""
     body = {"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices}
-    if usage is not None:
+    if usage is not None or with_usage:
         body["usage"] = usage
     return body
