@@ -387,3 +387,14 @@ def test_public_host_warns_and_a_taken_port_is_one_line(ckpt: Path, capsys: pyte
     err = capsys.readouterr().err.strip().splitlines()
     assert "without --api-key" in err[0] and "warning" in err[0]
     assert err[1].startswith("minigpt2: error: cannot listen on 0.0.0.0:") and len(err) == 2
+
+
+def test_importing_minigpt2_or_its_engine_loads_no_web_stack() -> None:
+    import subprocess
+
+    from serve_util import REPO_ROOT
+
+    code = ("import sys, minigpt2, minigpt2.serve; from minigpt2.serve import Engine, SamplingParams; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'pydantic') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
