@@ -237,12 +237,13 @@ class Engine:
                 self.step()
             except Exception as e:  # noqa: BLE001 - a bug outside the guarded parts: fail what is in flight
                 logger.exception("engine step failed")
-                for request in self._requests:
+                with self._lock:
+                    requests, self._requests = self._requests, []
+                for request in requests:
                     if not request.done:
                         self._release(request)
                         self._emit(request, [ErrorOutput(f"the engine failed: {type(e).__name__}: {e}")])
                         request.done = True
-                self._requests = []
         self._close()
 
     def step(self) -> None:
@@ -274,9 +275,10 @@ class Engine:
         for request, error in failed.items():
             logger.error("request failed in an engine step", exc_info=error)
             self._emit(request, [ErrorOutput(f"the engine failed on this request: {type(error).__name__}: {error}")])
-        for request in self._requests:
-            request.done = request.finished  # its outputs are delivered now
-        self._requests = [r for r in self._requests if not r.done]
+        with self._lock:  # submit() appends to the list from other threads
+            for request in self._requests:
+                request.done = request.finished  # its outputs are delivered now
+            self._requests = [r for r in self._requests if not r.done]
 
     def _prefill(self, group: list[Sequence], out: dict[Request, list[Output]]) -> None:
         """Prefill one prompt into the first sequence's slot; its siblings copy the slot."""
@@ -429,12 +431,13 @@ class Engine:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineClosed("the engine shut down"))
-        for request in self._requests:
+        with self._lock:  # closing: submit() admits nothing more
+            requests, self._requests = self._requests, []
+        for request in requests:
             if not (request.finished or request.aborted):
                 outputs = [self._finish(s, ABORT) for s in request.sequences if not s.is_finished]
                 self._emit(request, outputs)
             request.finished = request.done = True
-        self._requests = []
 
 
 def _prompt_groups(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -53,8 +53,8 @@ class SlotCache(KVCache):
         self.equal = min(positions) == self.length  # one write position for every row
         if not self.equal:
             device = memory.kv.device
-            self._rows = torch.arange(n, device=device)
-            self._pos = torch.tensor(positions, device=device)
+            self._row_ids = torch.arange(n, device=device)
+            self._positions = torch.tensor(positions, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (n, nh, T, hs) at each row's position; return keys/values 0..length + T."""
@@ -63,8 +63,8 @@ class SlotCache(KVCache):
             self.k[layer].narrow(2, self.length, T).copy_(k)
             self.v[layer].narrow(2, self.length, T).copy_(v)
         else:
-            self.k[layer][self._rows, :, self._pos] = k[:, :, 0]  # (n, nh, hs) at (row, pos[row])
-            self.v[layer][self._rows, :, self._pos] = v[:, :, 0]
+            self.k[layer][self._row_ids, :, self._positions] = k[:, :, 0]  # (n, nh, hs) at (row, pos[row])
+            self.v[layer][self._row_ids, :, self._positions] = v[:, :, 0]
         S = self.length + T
         return self.k[layer].narrow(2, 0, S), self.v[layer].narrow(2, 0, S)
 
@@ -74,7 +74,7 @@ class SlotCache(KVCache):
         if self.equal:
             self.kv[layer].narrow(3, self.length, T).copy_(kv.permute(2, 0, 3, 1, 4))  # (2, n, nh, T, hs)
         else:
-            self.kv[layer][:, self._rows, :, self._pos] = kv[:, 0]  # (n, 2, nh, hs) at (row, pos[row])
+            self.kv[layer][:, self._row_ids, :, self._positions] = kv[:, 0]  # (n, 2, nh, hs) at (row, pos[row])
         S = self.length + T
         return self.k[layer].narrow(2, 0, S), self.v[layer].narrow(2, 0, S)
 
