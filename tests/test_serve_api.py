@@ -313,6 +313,7 @@ def test_api_key_and_cors(engine: Engine) -> None:
                 assert e.value.body["code"] == "invalid_api_key"
         status, _, body = http("GET", f"{s.url}/v1/models")
         assert status == 401 and "Authorization" in json.loads(body)["error"]["message"]
+        assert http("POST", f"{s.url}/v1/completions", raw=b"{not json")[0] == 401  # the key first, then the body
         assert http("GET", f"{s.url}/health")[0] == 200 and http("GET", f"{s.url}/metrics")[0] == 200
         pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
         _, headers, _ = http("OPTIONS", f"{s.url}/v1/completions", headers={"Origin": "https://example.org", **pre})

@@ -23,9 +23,9 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -79,6 +79,7 @@ def create_app(
     metrics = Metrics(engine)
     app = _App(title="minigpt2 serve", version=__version__, max_body_size=MAX_BODY_BYTES)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
+    app.state.api_key = api_key
     created = protocol.now()
 
     # ------------------------------------------------------------------ errors
@@ -107,16 +108,6 @@ def create_app(
     async def _internal(_: Request, e: Exception) -> JSONResponse:
         return APIError(500, "The server had an error while processing your request.", type="server_error").response()
 
-    # ------------------------------------------------------------------ auth
-    async def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -128,7 +119,7 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1")
     model_card = {"id": model_name, "object": "model", "created": created, "owned_by": "minigpt2",
                   "max_model_len": engine.config.n_positions}  # fmt: skip
 
@@ -301,11 +292,34 @@ def _sse(obj: dict) -> bytes:
 
 
 class _App(FastAPI):
-    """FastAPI with two pure ASGI layers outside its whole stack: the status counter (so it
-    counts every answer) and the declared-size check (before FastAPI's own body limit)."""
+    """FastAPI with pure ASGI layers outside its whole stack: the status counter (so it counts
+    every answer), the API key check (so nothing is read or parsed for a client without the
+    key) and the declared-size check (before FastAPI's own body limit)."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        return _CountStatus(_DeclaredTooLarge(super().build_middleware_stack()), self.state.metrics)
+        inner = _DeclaredTooLarge(super().build_middleware_stack())
+        if self.state.api_key is not None:
+            inner = _RequireKey(inner, self.state.api_key)
+        return _CountStatus(inner, self.state.metrics)
+
+
+class _RequireKey:
+    """401 for a /v1 request without ``Authorization: Bearer <key>``, before anything else
+    (the body is not even read), the key compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            value = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                message = "Missing API key: send the header 'Authorization: Bearer <key>'"
+                return await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
+            if not secrets.compare_digest(token.strip(), self.key):
+                return await APIError(401, "Incorrect API key provided", code="invalid_api_key").response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _DeclaredTooLarge:
