@@ -17,9 +17,10 @@ Per level: aggregate output tokens/s (every request's ``usage.completion_tokens`
 level's wall time), time to first token (send -> first chunk) and inter-token latency (the
 gaps between consecutive chunks of a stream; both servers send a chunk per token here),
 p50 / p99. Both servers are up together and take the load level by level in turn (one under
-load at a time, the other idle), so that a drift of the host hits both alike. Before they
-start, ``model.generate`` of one such prompt alone (batch 1, same tokens, median of 3 after a
-warm-up) gives the single-stream figure the server is held against. transformers serve runs
+load at a time, the other idle), so that a drift of the host hits both alike; at one client
+each round is ``model.generate`` of one such prompt alone in this process (batch 1, the same
+tokens; the single-stream figure the server is held against), then one request to each
+server, three rounds. transformers serve runs
 with ``--continuous-batching`` when that works on this device (its log says "CB: True"),
 else without; the JSON and the table say which ran.
 """
@@ -27,7 +28,6 @@ else without; the JSON and the table say which ran.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -88,19 +88,22 @@ def prompts(n: int) -> list[str]:
     return out
 
 
-def generate_rate(ckpt: Path, prompt: str, new_tokens: int) -> float:
-    """model.generate tokens/s for one prompt alone: median of 3 runs after a warm-up."""
-    model = minigpt2.GPT2.from_pretrained(ckpt, device="cpu")
-    ids = torch.tensor([minigpt2.Tokenizer().encode(prompt)])
-    model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None)
-    times = []
-    for _ in range(3):
+class Generate:
+    """``model.generate`` of one prompt alone (batch 1), timed: the single-stream reference."""
+
+    def __init__(self, ckpt: Path, prompt: str, new_tokens: int) -> None:
+        self.model = minigpt2.GPT2.from_pretrained(ckpt, device="cpu")
+        self.ids = torch.tensor([minigpt2.Tokenizer().encode(prompt)])
+        self.new_tokens = new_tokens
+        self.rates: list[float] = []
+        self.run()  # warm-up (kernel choice, first-use costs)
+        self.rates.clear()
+
+    def run(self) -> float:
         t = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, eos_token_id=None)
-        times.append(time.perf_counter() - t)
-    del model
-    gc.collect()
-    return new_tokens / statistics.median(times)
+        self.model.generate(self.ids, max_new_tokens=self.new_tokens, eos_token_id=None)
+        self.rates.append(self.new_tokens / (time.perf_counter() - t))
+        return self.rates[-1]
 
 
 def free_port() -> int:
@@ -217,6 +220,10 @@ def run_level(url: str, bodies: list[dict], clients: int, per_client: int) -> di
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed, first: {errors[0]}")
+    return summarize(clients, results, wall)
+
+
+def summarize(clients: int, results: list[dict], wall: float) -> dict[str, Any]:
     ttft = [r["chunks"][0] - r["start"] for r in results if r["chunks"]]
     itl = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:])]
     tokens = sum(r["tokens"] for r in results)
@@ -224,8 +231,13 @@ def run_level(url: str, bodies: list[dict], clients: int, per_client: int) -> di
         "clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-        "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+        "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99), "raw": results,
     }  # fmt: skip
+
+
+def merge(levels: list[dict]) -> dict[str, Any]:
+    """One level's figures from several runs of it (their requests and wall times added up)."""
+    return summarize(levels[0]["clients"], [r for x in levels for r in x["raw"]], sum(x["wall_s"] for x in levels))
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -273,8 +285,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="minigpt2-bench-serve-") as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", shape)
         texts = prompts(64)
-        report["generate_tokens_per_s"] = generate_rate(ckpt, texts[0], new_tokens)
-        print(f"model.generate alone (batch 1): {report['generate_tokens_per_s']:.1f} tok/s", flush=True)
+        gen = Generate(ckpt, texts[0], new_tokens)
         body = {"model": str(ckpt), "max_tokens": new_tokens, "temperature": 0, "stream": True}
         servers: dict[str, tuple[Server, list[dict]]] = {}
         try:
@@ -291,10 +302,20 @@ def main() -> int:
             # Level by level, the servers in turn (both are up, one under load at a time), so
             # that a slow drift of the host hits both alike.
             for c in levels:
-                for name, (s, bodies) in servers.items():
-                    r = run_level(s.url, bodies, c, 3 if c == 1 else 2)
+                if c == 1:  # three rounds: a generate run, then one request to each server
+                    rounds = []
+                    for k in range(3):
+                        gen.run()
+                        rounds.append({name: run_level(s.url, bodies[k:], 1, 1) for name, (s, bodies) in servers.items()})
+                    results = {name: merge([r[name] for r in rounds]) for name in servers}
+                else:
+                    results = {name: run_level(s.url, bodies, c, 2) for name, (s, bodies) in servers.items()}
+                for name, r in results.items():
                     report.setdefault(name, {})[c] = r
-                    report_line(s.name, c, r)
+                    report_line(servers[name][0].name, c, r)
+            report["generate_tokens_per_s"] = statistics.median(gen.rates)
+            report["generate_runs"] = gen.rates
+            print(f"model.generate alone (batch 1), median of {len(gen.rates)}: {report['generate_tokens_per_s']:.1f} tok/s")
         except BaseException:
             for s, _ in servers.values():
                 print(f"--- {s.name} (exit code {s.proc.poll()}), its last lines:\n" + "\n".join(s.lines[-15:]))
@@ -303,6 +324,9 @@ def main() -> int:
             for s, _ in servers.values():
                 s.stop()
     _summary(report, levels)
+    for name in ("minigpt2", "transformers"):
+        for r in report.get(name, {}).values():
+            r.pop("raw", None)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

@@ -261,11 +261,14 @@ class Engine:
             for group in _prompt_groups(admitted):
                 if group[0].request.finished:  # failed in an earlier group of this step
                     continue
+                request = group[0].request
                 try:
                     self._prefill(group, out)
                 except Exception as e:  # noqa: BLE001 - fails this request only
-                    failed[group[0].request] = e
-                    self._release(group[0].request)
+                    failed[request] = e
+                    self._release(request)
+                else:  # its first token goes out now, not after the other prefills and the decode step
+                    self._emit(request, out.pop(request))
             running = list(self.scheduler.running)
             if running:
                 self._decode(running, out, failed)
