@@ -297,7 +297,7 @@ def main() -> int:
             if args.only != "minigpt2":
                 s, report["transformers_mode"], tf_body = start_transformers(ckpt, body, texts, new_tokens)
                 servers["transformers"] = (s, [{**tf_body, "prompt": t} for t in texts])
-            for name, (s, bodies) in servers.items():
+            for s, bodies in servers.values():
                 warm_up(s, bodies, max(levels))
             # Level by level, the servers in turn (both are up, one under load at a time), so
             # that a slow drift of the host hits both alike.

@@ -38,7 +38,7 @@ from .. import __version__
 from . import protocol
 from .engine import Engine, EngineClosed, QueueFull, RequestError
 from .metrics import Metrics
-from .sequence import ErrorOutput, Output, PromptOutput, Request as EngineRequest, TokenOutput
+from .sequence import ErrorOutput, Output, Request as EngineRequest, TokenOutput
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 RETRY_AFTER_SECONDS = 1

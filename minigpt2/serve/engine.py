@@ -35,8 +35,7 @@ from .detokenizer import Detokenizer, TokenStrings
 from .model_runner import ModelRunner
 from .scheduler import QueueFull, Scheduler
 from .sequence import (
-    ABORT, LENGTH, STOP, ErrorOutput, Output, PromptOutput, Request, SamplingParams, Sequence, Status,
-    TokenOutput,
+    ABORT, LENGTH, STOP, ErrorOutput, Output, PromptOutput, Request, SamplingParams, Sequence, TokenOutput,
 )  # fmt: skip
 
 if TYPE_CHECKING:
