@@ -323,11 +323,16 @@ class _RequireKey:
 
 
 class _DeclaredTooLarge:
-    """413 with OpenAI's body for a Content-Length over the limit, before anything reads it.
+    """413 with OpenAI's body for a Content-Length over the limit, before FastAPI reads it.
 
-    FastAPI's ``max_body_size`` enforces the limit on the bytes read (a chunked body too);
-    for a declared length it answers with its own plain-text 413, hence this check first.
+    FastAPI's ``max_body_size`` enforces the limit on the bytes read (a chunked body too), but
+    for a declared length it answers with its own plain-text 413. And answering at once is not
+    enough: a client that is still sending its body meets a closed socket (a broken pipe, a
+    reset) instead of the answer. So the body is read and dropped first, up to DRAIN_BYTES
+    (what the client sent is not kept), then the 413 goes out and the client can read it.
     """
+
+    DRAIN_BYTES = 64 * MAX_BODY_BYTES
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -336,8 +341,16 @@ class _DeclaredTooLarge:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                message = f"The request body of {int(length)} bytes is larger than the limit of {MAX_BODY_BYTES} bytes"
-                return await APIError(413, message).response()(scope, receive, send)
+                drained = 0
+                while drained < min(int(length), self.DRAIN_BYTES):
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left
+                    drained += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+                text = f"The request body of {int(length)} bytes is larger than the limit of {MAX_BODY_BYTES} bytes"
+                return await APIError(413, text).response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
