@@ -244,6 +244,9 @@ def test_unknown_model_is_404(client: Any) -> None:
 
 def test_raw_http_errors_have_openai_bodies(server: ServerProcess, ckpt: Path) -> None:
     url = f"{server.url}/v1/completions"
+    body = {"model": str(ckpt), "prompt": "Hi", "max_tokens": 2}
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d's default, and others
+        assert http("POST", url, body, headers={"Content-Type": content_type})[0] == 200
     for raw, words in [(b'{"model": "x", "prompt": ', "not valid JSON"), (b"[1, 2]", "JSON object"), (b"", "JSON object")]:
         status, _, body = http("POST", url, raw=raw)
         assert status == 400 and words in json.loads(body)["error"]["message"], body

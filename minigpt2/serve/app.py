@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -133,9 +134,27 @@ def create_app(
             raise APIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
         return model_card
 
-    @v1.post("/completions")
-    async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
+    schema = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": protocol.CompletionRequest.model_json_schema()}}}}  # fmt: skip
+
+    @v1.post("/completions", openapi_extra=schema)
+    async def completions(request: Request) -> Response:
         arrival = time.monotonic()
+        # The body is JSON whatever the Content-Type says (``curl -d`` sends a form type).
+        raw = await request.body()
+        if not raw.strip():
+            raise APIError(400, "the body is empty: send a JSON object")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            body = protocol.CompletionRequest.model_validate(data)
+        except ValidationError as e:
+            message, param = protocol.validation_error(e)
+            raise APIError(400, message, param=param) from None
         if body.model != model_name:
             raise APIError(404, f"The model `{body.model}` does not exist", param="model", code="model_not_found")
         n, stream = body.n or 1, bool(body.stream)
