@@ -156,6 +156,22 @@ def test_batch_invariant_decode_is_bit_identical_to_alone(model: GPT2) -> None:
         assert torch.equal(batched[b], alone.decode([[100, 200, 300][b]], [len(p)])[0])
 
 
+def test_the_plain_path_serves_too(model: GPT2, tok: Tokenizer) -> None:
+    """With a hook on the model the fast path steps aside (as on a GPU): the model's own
+    forward runs on the slot cache, and requests still equal generate alone."""
+    handle = model.transformer.h[0].register_forward_hook(lambda module, args, out: None)
+    try:
+        with Engine(model, tok, max_batch_size=3) as e:
+            assert e.runner._decoder(1) is None
+            prompts = [[464, 318, 257], [50, 60, 70, 80, 90], [7]]
+            jobs = [submit(e, p, max_tokens=6, temperature=0.0, ignore_eos=True, echo=True, logprobs=1) for p in prompts]
+            for p, (request, got) in zip(prompts, jobs):
+                wait(request)
+                assert got.tokens() == reference(model, p, dict(max_tokens=6, temperature=0.0, ignore_eos=True))
+    finally:
+        handle.remove()
+
+
 # --------------------------------------------------------------------------- log-probs, echo
 def test_logprobs_are_the_raw_distribution(model: GPT2, engine: Engine) -> None:
     """Whatever the processors, a token's log-prob is log_softmax of the model's logits."""
