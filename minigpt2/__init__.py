@@ -8,7 +8,8 @@
 
 from .cache import KVCache
 from .config import PRESETS, GPT2Config
-from .generation import StreamStep, generate, stream
+from .generation import GenerateOutput, StreamStep, generate, stream
+from .generation_config import GenerationConfig
 from .internals import ActivationCache, LogitLens, ScoreResult, logit_lens, score
 from .loading import get_device
 from .model import GPT2
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT2", "GPT2Config", "KVCache", "PRESETS", "Tokenizer", "get_device", "__version__",
     "ActivationCache", "LogitLens", "ScoreResult", "logit_lens", "score",
-    "StreamStep", "generate", "stream",
+    "GenerateOutput", "GenerationConfig", "StreamStep", "generate", "stream",
     "TrainConfig", "TrainResult", "train",
 ]

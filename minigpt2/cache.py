@@ -80,6 +80,14 @@ class KVCache:
         """Keep rows ``index`` of the batch (beam search moves cache rows with their beams)."""
         self.kv.copy_(self.kv.index_select(2, index))
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions and forget the rest: assisted decoding rolls
+        rejected draft tokens back this way, by length (their keys and values are simply
+        overwritten by the next forward; nothing is copied)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length {length} must be in [0, {self.length}] (the filled positions)")
+        self.length = length
+
     def reset(self) -> None:
         """Forget every position (the memory is kept for the next sequence)."""
         self.length = 0

@@ -5,49 +5,47 @@ timed or swapped alone.
 
     prefill(model, ids, positions, mask, cache)          -> logits of the last prompt position
     decode_one_token(model, token, position, mask, cache) -> logits of the next position
-    decode_n_tokens(...)                                  -> yields one token per row per step
+    decode_n_tokens(...)                                  -> yields one Step (token per row) per step
     beam_search(...)                                      -> the best beams, as transformers
     generate(model, input_ids, ...)                       -> prompt + new tokens [B, T + n]
     stream(model, tokenizer, prompt, ...)                 -> the same, step by step, with text
+    compute_transition_scores(...)                        -> each chosen token's score
 
-Every model call goes through ``_forward_last``: the transformer on the new tokens, then
-the unembedding of the last position only (the whole [B, T, V] logits of a long prompt
-are never built). That function is also where the fast path (fast.py) comes in.
+Every model call goes through ``_forward_last`` (or ``_forward_all``, which assisted
+decoding uses to score several draft tokens at once): the transformer on the new tokens,
+then the unembedding of the positions needed only (the whole [B, T, V] logits of a long
+prompt are never built). That is also where the fast path (fast.py) comes in.
 
 The arguments, defaults and results are those of transformers' ``generate`` (v5): the
-logits processors run in its order (sampling.py), a token is drawn with softmax +
+settings resolve through ``model.generation_config`` (generation_config.py), the logits
+processors run in its order (sampling.py), a token is drawn with softmax +
 ``torch.multinomial`` from the same RNG, finished rows are padded with ``pad_token_id``
 (default: the EOS id), and generation ends when every row has finished, so the same seed
-gives the same tokens. Position ids follow the attention mask, so each row of a
-left-padded batch produces what it produces alone.
+gives the same tokens. Position ids follow the attention mask as transformers 5 sets them
+(cumsum(mask) - 1, padding at 0, new tokens continuing from the prompt's last position),
+so each row of a left-padded batch produces what it produces alone, and a right-padded
+prompt generates what transformers 5 generates for it.
 """
 
 from __future__ import annotations
 
 import codecs
 import math
-from collections.abc import Iterator, Sequence
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import fast, sampling
+from .generation_config import DEFAULTS, GenerationConfig
 from .sampling import Processors
 
 if TYPE_CHECKING:  # model.py imports this module; a runtime import would be circular
     from .model import GPT2
     from .tokenizer import Tokenizer
-
-
-class _FromConfig:
-    """Default of ``eos_token_id``: the checkpoint's (generation_config.json, else config.json)."""
-
-    def __repr__(self) -> str:
-        return "<from config>"
-
-
-FROM_CONFIG: Any = _FromConfig()
 
 
 # --------------------------------------------------------------------------- the forward
@@ -73,6 +71,22 @@ def _forward_last(
     return model.lm_head(h[:, -1]).float()  # (B, V): only the last position is unembedded
 
 
+def _forward_all(
+    model: GPT2,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: Any,
+    dec: fast.Decoder | None = None,
+) -> torch.Tensor:
+    """``_forward_last`` for every new position: fp32 logits [B, T, V] (assisted decoding
+    checks T draft tokens in one forward)."""
+    if dec is not None and dec.ready():
+        return dec.logits(dec.hidden(ids, positions, mask, cache, last_only=False))
+    h = model.transformer(ids, mask, positions, cache)  # (B, T, C)
+    return model.lm_head(h).float()
+
+
 def prefill(
     model: GPT2, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any,
     dec: fast.Decoder | None = None,
@@ -92,10 +106,12 @@ def decode_one_token(
 # --------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Settings:
-    """Validated generation arguments (see ``generate`` for their meaning)."""
+    """One call's resolved and checked settings (see ``generate`` for their meaning)."""
 
-    max_new_tokens: int
+    config: GenerationConfig  # the resolved generation config (transformers' defaults filled in)
+    max_new_tokens: int  # max_length - prompt length
     processors: Processors
+    do_sample: bool
     num_beams: int
     length_penalty: float
     early_stopping: bool | str
@@ -103,124 +119,157 @@ class Settings:
     eos_ids: tuple[int, ...] | None
     pad_token_id: int | None
     stop: tuple[str, ...]
+    max_time: float | None  # seconds from the start of the call
+    output_scores: bool
+    output_logits: bool
+    return_dict: bool
+    assisted: bool  # assistant_model, prompt_lookup_num_tokens or assistant_early_exit set (and no beams)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def resolve_generation_config(
+    model: GPT2,
+    generation_config: GenerationConfig | Mapping[str, Any] | None,
+    kwargs: Mapping[str, Any],
+    assistant_model: GPT2 | None = None,
+) -> tuple[GenerationConfig, bool]:
+    """transformers' ``_prepare_generation_config``: (resolved config, max_length was defaulted).
+
+    The ``generation_config`` argument (or an empty one), its unset fields filled from
+    ``model.generation_config``, then (the draft settings only) from the assistant's, then
+    from transformers' defaults; then every keyword argument set on top (an explicit None
+    included, as there). Unknown names raise a ValueError.
+    """
+    if generation_config is None:
+        base = GenerationConfig()
+    elif isinstance(generation_config, GenerationConfig):
+        base = generation_config.copy()
+    elif isinstance(generation_config, Mapping):
+        base = GenerationConfig.from_dict(generation_config)
+    elif callable(getattr(generation_config, "to_dict", None)):  # e.g. transformers' GenerationConfig
+        base = GenerationConfig.from_dict(generation_config.to_dict())
+    else:
+        raise ValueError(f"generation_config must be a GenerationConfig or a dict, got {type(generation_config).__name__}")
+    own = getattr(model, "generation_config", None)
+    if isinstance(own, Mapping):  # set to a plain dict by hand (what it was before it became a GenerationConfig)
+        own = GenerationConfig.from_dict(own)
+    elif not isinstance(own, GenerationConfig):
+        own = GenerationConfig.from_model_config(model.config.to_dict())
+    default_max_length = kwargs.get("max_length") is None and base.max_length is None and own.max_length is None
+    base.fill_from(own)
+    if assistant_model is not None and isinstance(getattr(assistant_model, "generation_config", None), GenerationConfig):
+        from .assisted import ASSISTANT_FIELDS
+
+        base.fill_from({k: getattr(assistant_model.generation_config, k) for k in ASSISTANT_FIELDS})
+    base.fill_from(DEFAULTS)
+    base.update(**kwargs)
+    return base, default_max_length
 
 
-def _as_float(name: str, x: Any) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
-        raise ValueError(f"{name} must be a number, got {x!r}")
-    return float(x)
-
-
-def _count(name: str, x: Any, low: int = 0) -> int:
-    if not _is_int(x) or x < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {x!r}")
-    return x
-
-
-def _token_ids(name: str, x: Any) -> tuple[int, ...] | None:
-    """An int, a list of ints or None -> tuple of ints (or None)."""
+def _token_ids(x: Any) -> tuple[int, ...] | None:
+    """An int, a list of ints (a tensor) or None -> a tuple of ints (or None); checked by validate()."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
         x = x.tolist()
-    ids = [x] if _is_int(x) else list(x) if isinstance(x, (list, tuple)) else None
-    if ids is None or not all(_is_int(i) for i in ids):
-        raise ValueError(f"{name} must be an int, a list of ints or None, got {x!r}")
-    if any(i < 0 for i in ids):
-        raise ValueError(f"{name}={x!r} holds a negative token id")
-    return tuple(ids) if ids else None
+    ids = (x,) if isinstance(x, int) else tuple(x)
+    return ids or None
 
 
-def _check_settings(model: GPT2, prompt_len: int, *, tokenizer: Any, **a: Any) -> Settings:
-    """Every argument checked before any work; a ValueError names the bad one."""
+def _check_settings(
+    model: GPT2,
+    gc: GenerationConfig,
+    prompt_len: int,
+    default_max_length: bool,
+    *,
+    tokenizer: Any,
+    generator: Any,
+    assistant_model: Any = None,
+) -> Settings:
+    """Every setting checked before any work, as transformers' generate checks them; a
+    ValueError names the bad one. Lengths resolve as in ``_prepare_generated_length``."""
     c = model.config
-    max_new = _count("max_new_tokens", a["max_new_tokens"])
-    min_new = _count("min_new_tokens", a["min_new_tokens"])
-    if prompt_len + max_new > c.n_positions:
+    gc.validate(vocab_size=c.vocab_size)
+    T = prompt_len
+    if gc.max_new_tokens is not None:
+        max_length = gc.max_new_tokens + T
+    elif default_max_length or gc.max_length is None:  # by default 20 new tokens, within the position table
+        max_length = min((gc.max_length if gc.max_length is not None else DEFAULTS["max_length"]) + T, c.n_positions)
+    else:
+        max_length = gc.max_length
+    if T >= max_length:
         raise ValueError(
-            f"prompt of {prompt_len} tokens + max_new_tokens={max_new} exceeds n_positions={c.n_positions}"
+            f"input_ids has {T} tokens but max_length={max_length}: nothing is left to generate; "
+            f"set max_new_tokens (or a larger max_length)"
         )
-    do_sample = a["do_sample"]
-    if not isinstance(do_sample, bool):
-        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
-    temperature = 1.0 if a["temperature"] is None else _as_float("temperature", a["temperature"])
-    if do_sample and not (0 < temperature < math.inf):
-        raise ValueError(f"temperature={a['temperature']!r} must be > 0 when sampling (use do_sample=False for greedy)")
-    top_k = a["top_k"]
-    top_k = 0 if top_k is None else _count("top_k", top_k)
-    top_p = 1.0 if a["top_p"] is None else _as_float("top_p", a["top_p"])
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={a['top_p']!r} must be in (0, 1]")
-    penalty = 1.0 if a["repetition_penalty"] is None else _as_float("repetition_penalty", a["repetition_penalty"])
-    if not 0 < penalty < math.inf:
-        raise ValueError(f"repetition_penalty={a['repetition_penalty']!r} must be > 0 (1.0 = no penalty)")
-    ngram = _count("no_repeat_ngram_size", a["no_repeat_ngram_size"])
-    num_beams = _count("num_beams", a["num_beams"], low=1)
-    length_penalty = _as_float("length_penalty", a["length_penalty"])
-    early_stopping = a["early_stopping"]
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    n_return = _count("num_return_sequences", a["num_return_sequences"], low=1)
+    max_new = max_length - T
+    if max_length > c.n_positions:
+        raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new} exceeds n_positions={c.n_positions}")
+    if gc.min_new_tokens is not None:
+        gc.min_length = gc.min_new_tokens + T  # as transformers: min_new_tokens wins over min_length
+
+    do_sample = bool(gc.do_sample)
+    if do_sample and gc.temperature is not None and not gc.temperature > 0:
+        raise ValueError(f"temperature={gc.temperature!r} must be > 0 when sampling (use do_sample=False for greedy)")
+    num_beams, n_return = gc.num_beams or 1, gc.num_return_sequences or 1
+    if n_return > 1 and num_beams == 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={n_return} needs do_sample=True or num_beams > 1 (greedy rows would be equal)")
     if num_beams > 1 and n_return > num_beams:
         raise ValueError(f"num_return_sequences={n_return} must be <= num_beams={num_beams}")
 
-    if n_return > 1 and num_beams == 1 and not do_sample:
-        raise ValueError(f"num_return_sequences={n_return} needs do_sample=True or num_beams > 1 (greedy rows would be equal)")
-
-    # EOS and pad: the arguments, else the checkpoint's generation_config.json, else (no such
-    # file, as transformers' GenerationConfig.from_model_config) its config.json.
-    defaults = model.generation_config or {"eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-    eos = a["eos_token_id"]
-    if eos is FROM_CONFIG:
-        eos = defaults.get("eos_token_id")
-    eos_ids = _token_ids("eos_token_id", eos)
-    pad = a["pad_token_id"]
-    if pad is None:
-        pad = defaults.get("pad_token_id")
+    eos_ids = _token_ids(gc.eos_token_id)
+    pad = gc.pad_token_id
     if pad is None and eos_ids is not None:
         pad = eos_ids[0]  # transformers' default: pad finished rows with the (first) EOS
-    if pad is not None:
-        if not _is_int(pad):
-            raise ValueError(f"pad_token_id must be an int, got {pad!r}")
-        if not 0 <= pad < c.vocab_size:
-            raise ValueError(f"pad_token_id={pad} is outside the vocabulary [0, {c.vocab_size})")
+    if gc.exponential_decay_length_penalty is not None and eos_ids is None:
+        raise ValueError("exponential_decay_length_penalty needs an eos_token_id to make more likely")
 
-    gen = a["generator"]
-    if gen is not None:
-        if not isinstance(gen, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(gen).__name__}")
-        if gen.device.type != model.device.type:
-            raise ValueError(f"generator is on {gen.device} but the model is on {model.device}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != model.device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {model.device}")
 
-    stop = a["stop"]
+    stop = gc.stop_strings
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if stop:
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {a['stop']!r}")
-        if tokenizer is None:
-            raise ValueError("stop strings need the tokenizer: pass tokenizer=Tokenizer.from_pretrained(...)")
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer: pass tokenizer=Tokenizer.from_pretrained(...)")
+    if stop and not callable(getattr(tokenizer, "decode_bytes", None)):
+        raise ValueError(f"tokenizer must be a minigpt2.Tokenizer (it reads token bytes), got {type(tokenizer).__name__}")
 
-    # Beam sampling keeps one more token than there are EOS ids, so one beam can go on.
-    keep = (len(eos_ids) + 1 if eos_ids else 2) if num_beams > 1 else 1
-    processors = Processors(
-        repetition_penalty=penalty,
-        no_repeat_ngram_size=ngram,
-        min_new_tokens=min_new,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_tokens_to_keep=keep,
-    )
-    return Settings(max_new, processors, num_beams, length_penalty, early_stopping, n_return, eos_ids, pad, stop)
+    assisted = assistant_model is not None or gc.prompt_lookup_num_tokens is not None or gc.assistant_early_exit is not None
+    if assisted and num_beams > 1:
+        warnings.warn(
+            f"assisted decoding works with greedy search and sampling only; num_beams={num_beams}: the assistant "
+            "settings are ignored (as transformers does)", UserWarning, stacklevel=3,
+        )
+        assisted = False
+    if assisted:
+        from . import assisted as _assisted
+
+        _assisted.check(model, gc, assistant_model, n_return)
+
+    processors = Processors.from_generation_config(gc, eos_ids=eos_ids, max_length=max_length)
+    return Settings(
+        config=gc, max_new_tokens=max_new, processors=processors, do_sample=do_sample, num_beams=num_beams,
+        length_penalty=1.0 if gc.length_penalty is None else float(gc.length_penalty),
+        early_stopping=bool(gc.early_stopping) if gc.early_stopping != "never" else "never", num_return_sequences=n_return,
+        eos_ids=eos_ids, pad_token_id=pad, stop=stop, max_time=gc.max_time,
+        output_scores=bool(gc.output_scores), output_logits=bool(gc.output_logits),
+        return_dict=bool(gc.return_dict_in_generate), assisted=assisted,
+    )  # fmt: skip
 
 
-def _check_prompt(model: GPT2, input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """input_ids as a LongTensor [B, T] on the model's device, and the mask (None: no padding)."""
+def _check_prompt(
+    model: GPT2, input_ids: Any, attention_mask: Any, bos_token_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """input_ids as a LongTensor [B, T] on the model's device, and the mask (None: no padding).
+
+    No input_ids: one row holding ``bos_token_id``, as transformers starts then.
+    """
+    if input_ids is None:
+        if bos_token_id is None:
+            raise ValueError("no input_ids and no bos_token_id to start from: pass a prompt")
+        input_ids = [[bos_token_id]]
     if isinstance(input_ids, str):
         raise ValueError("input_ids is a string; encode it first (tokenizer.encode) or use stream(model, tokenizer, text)")
     if not isinstance(input_ids, torch.Tensor):
@@ -273,10 +322,20 @@ def _infer_mask(ids: torch.Tensor, s: Settings) -> torch.Tensor | None:
 
 
 def _prompt_positions(mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
-    """Position ids of the prompt: 0..T-1, or counted over real tokens (padding at 1) [B, T]."""
+    """Position ids of the prompt, as transformers 5 sets them: 0..T-1, or counted over the
+    real tokens (cumsum(mask) - 1) with every padding position at 0 [B, T]."""
     if mask is None:
         return torch.arange(T, device=device)[None]  # (1, T)
-    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)  # (B, T)
+    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)  # (B, T)
+
+
+def _next_positions(mask: torch.Tensor | None, T: int, device: torch.device, rows: int) -> torch.Tensor:
+    """Position of the first new token of each row [rows, 1]: the prompt's last position + 1
+    (transformers 5). Left padding: the real tokens' count; right padding: 1, since the last
+    prompt position is padding at position 0 (v4 continued from the count instead)."""
+    if mask is None:
+        return torch.full((rows, 1), T, device=device)
+    return _prompt_positions(mask, T, device)[:, -1:] + 1
 
 
 # --------------------------------------------------------------------------- stop strings
@@ -308,7 +367,28 @@ def _token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
         return b""
 
 
+class Deadline:
+    """max_time: generation stops once this many seconds have passed since the call began
+    (transformers' MaxTimeCriteria; the step running at that moment still finishes)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
 # --------------------------------------------------------------------------- sampling loop
+@dataclass
+class Step:
+    """What one decoding step made (tensors may be inference tensors: read, do not edit)."""
+
+    token: torch.Tensor  # [B] the id each row made (pad_token_id for rows finished before)
+    finished: torch.Tensor  # [B] bool: the row has ended (at this step or before)
+    logits: torch.Tensor  # [B, V] fp32, the model's raw next-token logits
+    scores: torch.Tensor  # [B, V] fp32, after the logits processors (what was drawn from)
+
+
 def decode_n_tokens(
     model: GPT2,
     ids: torch.Tensor,
@@ -316,13 +396,16 @@ def decode_n_tokens(
     s: Settings,
     generator: torch.Generator | None = None,
     tokenizer: Tokenizer | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Greedy or sampled decoding; yields (tokens [B], finished [B] bool) once per step.
+    prompt_ids: torch.Tensor | None = None,
+) -> Iterator[Step]:
+    """Greedy or sampled decoding; yields one ``Step`` per generated position.
 
     Prefill once, then one token per step through a cache preallocated for prompt +
     max_new_tokens. Each step: processors -> argmax or multinomial -> finished rows get
-    pad_token_id -> a row finishes on EOS or a stop string; stop when all have. The model
-    runs under inference mode only between yields, so the caller's grad mode is untouched.
+    pad_token_id -> a row finishes on EOS, a stop string, the length limit or max_time;
+    stop when all have. The model runs under inference mode only between yields, so the
+    caller's grad mode is untouched. ``prompt_ids``: the prompt as given, before
+    num_return_sequences expanded it (the encoder_* processors read it, as transformers).
     """
     B, T = ids.shape
     L = T + s.max_new_tokens
@@ -330,26 +413,29 @@ def decode_n_tokens(
     p = s.processors
     eos = torch.tensor(s.eos_ids, device=dev) if s.eos_ids is not None else None
     stop = StopStrings(s.stop, tokenizer) if s.stop else None
+    deadline = Deadline(s.max_time)
     with torch.inference_mode():
         seq = torch.empty(B, L, dtype=torch.long, device=dev)  # prompt + tokens so far
         seq[:, :T] = ids
         full_mask = None if mask is None else torch.cat([mask, mask.new_ones(B, s.max_new_tokens)], dim=1)
         prompt_start = None if mask is None else (mask != 0).int().argmax(dim=1)  # left padding per row
-        next_pos = (mask.sum(1) if mask is not None else torch.full((B,), T, device=dev))[:, None]  # (B, 1)
+        next_pos = _next_positions(mask, T, dev, B)  # (B, 1)
         unfinished = torch.ones(B, dtype=torch.bool, device=dev)
         cache = model.make_cache(B, L)
         dec = fast.decoder(model, B)
         logits = prefill(model, ids, _prompt_positions(mask, T, dev), mask, cache, dec)
+    prompt_ids = ids if prompt_ids is None else prompt_ids
     rows = None  # with stop strings: each row's real token ids so far, on the CPU
     if stop is not None:
         rows = ids.tolist() if mask is None else [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
     for step in range(s.max_new_tokens):
         with torch.inference_mode():
             cur = T + step
-            scores = sampling.process(p, seq[:, :cur], logits, n_new=step, eos_ids=eos, prompt_start=prompt_start)
-            token = sampling.sample(scores, generator) if p.do_sample else sampling.greedy(scores)
-            if s.pad_token_id is not None:
-                token = token.masked_fill(~unfinished, s.pad_token_id)  # finished rows: pad
+            scores = sampling.process(p, seq[:, :cur], logits, n_new=step, eos_ids=eos, prompt_start=prompt_start,
+                                      prompt_ids=prompt_ids)
+            token = sampling.sample(scores, generator) if s.do_sample else sampling.greedy(scores)
+            if eos is not None:  # as transformers: finished rows are padded only when EOS can end them
+                token = token.masked_fill(~unfinished, s.pad_token_id)
             seq[:, cur] = token
             done = torch.isin(token, eos) if eos is not None else torch.zeros_like(unfinished)
             if stop is not None:
@@ -357,10 +443,10 @@ def decode_n_tokens(
                     rows[b].append(t)
                     if stop.hit(rows[b]):
                         done[b] = True
-            if step == s.max_new_tokens - 1:
+            if step == s.max_new_tokens - 1 or deadline.passed():
                 done = torch.ones_like(done)
             unfinished = unfinished & ~done
-        yield token.clone(), ~unfinished  # cloned outside inference mode: normal tensors
+        yield Step(token.clone(), ~unfinished, logits, scores)  # token cloned outside inference mode
         if not bool(unfinished.any()):
             return
         with torch.inference_mode():
@@ -369,6 +455,17 @@ def decode_n_tokens(
 
 
 # --------------------------------------------------------------------------- beam search
+@dataclass
+class BeamResult:
+    """beam_search's result: the best beams, with what transformers returns beside them."""
+
+    sequences: torch.Tensor  # [B * n, T + new]
+    sequences_scores: torch.Tensor  # [B * n] sum of log-probs / new tokens ** length_penalty
+    beam_indices: torch.Tensor  # [B * n, new] int32: the beam (batch * num_beams + beam) of each token, -1 after the end
+    scores: tuple[torch.Tensor, ...]  # per step [B * num_beams, V]: processed log-probs (with output_scores)
+    logits: tuple[torch.Tensor, ...]  # per step [B * num_beams, V]: raw logits (with output_logits)
+
+
 def beam_search(
     model: GPT2,
     ids: torch.Tensor,
@@ -376,18 +473,18 @@ def beam_search(
     s: Settings,
     generator: torch.Generator | None = None,
     tokenizer: Tokenizer | None = None,
-) -> torch.Tensor:
+) -> BeamResult:
     """Beam search (or beam sampling), step for step as transformers' ``_beam_search`` (v5).
 
     Per prompt, ``num_beams`` live hypotheses. Each step scores every (beam, token) pair by
     the beam's summed log-probability plus log p(token), keeps the best K = (n_eos + 1 or 2)
     x num_beams candidates (so that num_beams can go on even if the best all end in EOS), and
-    then: candidates that hit EOS or the length limit, among the top num_beams, enter the
-    finished pool with score sum / (new tokens ** length_penalty); the best num_beams that
-    did not finish live on. A batch item stops when no live beam can beat its worst finished
-    one (with early_stopping=True: as soon as num_beams have finished). The -1e9 "impossible"
-    scores are added exactly as transformers adds them, so even ties resolve the same way.
-    Returns the best ``num_return_sequences`` per prompt: [B * num_return_sequences, T + n].
+    then: candidates that hit EOS, a stop string, the length limit or max_time, among the
+    top num_beams, enter the finished pool with score sum / (new tokens ** length_penalty);
+    the best num_beams that did not finish live on. A batch item stops when no live beam can
+    beat its worst finished one (with early_stopping=True: as soon as num_beams have
+    finished). The -1e9 "impossible" scores are added exactly as transformers adds them, so
+    even ties resolve the same way. Returns the best ``num_return_sequences`` per prompt.
     """
     B, T = ids.shape
     nb, L, V = s.num_beams, T + s.max_new_tokens, model.config.vocab_size
@@ -398,24 +495,29 @@ def beam_search(
     fill = (s.pad_token_id or s.eos_ids[0]) if s.eos_ids is not None else -1  # as transformers
     top_nb = torch.arange(K, device=dev) < nb  # the first num_beams candidates may finish
     stop = StopStrings(s.stop, tokenizer) if s.stop else None
+    deadline = Deadline(s.max_time)
     n_pad = [0] * B if mask is None else (mask == 0).sum(1).tolist()  # left padding per prompt
+    prompt_ids = ids
 
     flat_ids = ids.repeat_interleave(nb, dim=0)  # (B * nb, T): each prompt once per beam
     mask = None if mask is None else mask.repeat_interleave(nb, dim=0)
     full_mask = None if mask is None else torch.cat([mask, mask.new_ones(B * nb, s.max_new_tokens)], dim=1)
     prompt_start = None if mask is None else (mask != 0).int().argmax(dim=1)
-    next_pos = (mask.sum(1) if mask is not None else torch.full((B * nb,), T, device=dev))[:, None]
+    next_pos = _next_positions(mask, T, dev, B * nb)
 
     running = torch.full((B, nb, L), fill, dtype=torch.long, device=dev)
     running[:, :, :T] = flat_ids.view(B, nb, T)
     running_scores = torch.zeros(B, nb, device=dev)
     running_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
+    running_beams = torch.full((B, nb, s.max_new_tokens), -1, dtype=torch.int32, device=dev)
     finished = running.clone()
     finished_scores = torch.full((B, nb), -1e9, device=dev)
-    finished_len = torch.zeros(B, nb, dtype=torch.long, device=dev)  # new tokens of each
+    finished_beams = running_beams.clone()
     is_finished = torch.zeros(B, nb, dtype=torch.bool, device=dev)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
     batch_offset = torch.arange(B, device=dev)[:, None] * nb  # (B, 1)
+    all_scores: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
 
     cache = model.make_cache(B * nb, L)
     dec = fast.decoder(model, B * nb)
@@ -428,12 +530,17 @@ def beam_search(
             logits = decode_one_token(model, last, next_pos + step - 1, m, cache, dec)
         logprobs = torch.log_softmax(logits, dim=-1)
         logprobs = sampling.process(
-            p, running[:, :, :cur].reshape(B * nb, cur), logprobs, n_new=step, eos_ids=eos, prompt_start=prompt_start
+            p, running[:, :, :cur].reshape(B * nb, cur), logprobs, n_new=step, eos_ids=eos, prompt_start=prompt_start,
+            prompt_ids=prompt_ids,
         )
+        if s.output_logits:
+            all_logits.append(logits.clone())
+        if s.output_scores:
+            all_scores.append(logprobs.clone())
         total = (logprobs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)  # (B, nb * V)
 
         # The K best continuations over all beams (or K drawn without replacement, best first).
-        if p.do_sample:
+        if s.do_sample:
             pick = torch.multinomial(torch.softmax(total, dim=-1), K, generator=generator)
             top = total.gather(1, pick)
             top, order = top.sort(dim=-1, descending=True)
@@ -443,8 +550,10 @@ def beam_search(
         src_beam, token = pick // V, pick % V
         cand = running.gather(1, src_beam[:, :, None].expand(B, K, L)).clone()  # (B, K, L)
         cand[:, :, cur] = token
+        cand_beams = running_beams.gather(1, src_beam[:, :, None].expand(B, K, s.max_new_tokens)).clone()
+        cand_beams[:, :, step] = (src_beam + batch_offset).int()
         ends = torch.isin(token, eos) if eos is not None else torch.zeros_like(token, dtype=torch.bool)
-        ends = ends | (cur + 1 >= L)
+        ends = ends | (cur + 1 >= L) | deadline.passed()
         if stop is not None:  # a candidate whose text now holds a stop string ends too
             hits = [[stop.hit(row[n_pad[b] :]) for row in rows] for b, rows in enumerate(cand[:, :, : cur + 1].tolist())]
             ends = ends | torch.tensor(hits, device=dev)
@@ -453,6 +562,7 @@ def beam_search(
         live_scores = top + ends.float() * -1.0e9
         keep = torch.topk(live_scores, nb)[1]  # (B, nb)
         running = cand.gather(1, keep[:, :, None].expand(B, nb, L))
+        running_beams = cand_beams.gather(1, keep[:, :, None].expand(B, nb, s.max_new_tokens))
         running_scores = live_scores.gather(1, keep)
         cache.reorder((src_beam.gather(1, keep) + batch_offset).reshape(-1))
 
@@ -465,8 +575,10 @@ def beam_search(
         merged_scores = torch.cat([finished_scores, score], dim=1)  # (B, nb + K)
         best = torch.topk(merged_scores, nb)[1]
         finished = torch.cat([finished, cand], dim=1).gather(1, best[:, :, None].expand(B, nb, L))
+        finished_beams = torch.cat([finished_beams, cand_beams], dim=1).gather(
+            1, best[:, :, None].expand(B, nb, s.max_new_tokens)
+        )
         finished_scores = merged_scores.gather(1, best)
-        finished_len = torch.cat([finished_len, torch.full_like(token, step + 1)], dim=1).gather(1, best)
         is_finished = torch.cat([is_finished, just], dim=1).gather(1, best)
 
         # Can a live beam still beat the worst finished one? (transformers' heuristic)
@@ -480,83 +592,192 @@ def beam_search(
             break
 
     n = s.num_return_sequences
-    out = finished[:, :n].reshape(B * n, L)
-    return out[:, : T + int(finished_len[:, :n].max())]
+    beams = finished_beams[:, :n].reshape(B * n, s.max_new_tokens)
+    new = int((beams >= 0).sum(dim=1).max())  # the longest returned beam's new tokens
+    return BeamResult(
+        sequences=finished[:, :n].reshape(B * n, L)[:, : T + new],
+        sequences_scores=finished_scores[:, :n].reshape(B * n),
+        beam_indices=beams[:, :new],
+        scores=tuple(all_scores),
+        logits=tuple(all_logits),
+    )
 
 
 # --------------------------------------------------------------------------- entry points
+@dataclass
+class GenerateOutput:
+    """``generate(..., return_dict_in_generate=True)``: transformers' GenerateDecoderOnlyOutput
+    (greedy, sampling, assisted) and GenerateBeamDecoderOnlyOutput (beam search) in one.
+
+    Every tensor is a normal one (not an inference tensor); fields that do not apply are None.
+    """
+
+    sequences: torch.Tensor  # [B * num_return_sequences, T + n] prompt + new tokens
+    scores: tuple[torch.Tensor, ...] | None = None  # output_scores: per new position, processed scores [rows, V]
+    logits: tuple[torch.Tensor, ...] | None = None  # output_logits: per new position, raw logits [rows, V]
+    sequences_scores: torch.Tensor | None = None  # beam search with output_scores: [B * n] final beam scores
+    beam_indices: torch.Tensor | None = None  # beam search: [B * n, n_new] beam of each token, -1 past the end
+
+
 def generate(
     model: GPT2,
-    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None = None,
     attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | Mapping[str, Any] | None = None,
     *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    num_return_sequences: int = 1,
-    eos_token_id: int | Sequence[int] | None = FROM_CONFIG,
-    pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    stop: Sequence[str] | None = None,
     tokenizer: Tokenizer | None = None,
-) -> torch.Tensor:
-    """Continue each prompt; returns prompt + new tokens, a LongTensor [B, T + n].
+    assistant_model: GPT2 | None = None,
+    stop: str | Sequence[str] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | GenerateOutput:
+    """Continue each prompt; returns prompt + new tokens, a LongTensor [B, T + n] (or a
+    ``GenerateOutput`` with ``return_dict_in_generate=True``).
 
     The arguments are transformers' ``generate`` arguments with the same defaults and
-    meanings, so code ports over unchanged and gives the same tokens:
+    meanings, so code ports over unchanged and gives the same tokens. Every field of
+    ``GenerationConfig`` is a keyword argument (``max_new_tokens``, ``do_sample``,
+    ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``epsilon_cutoff``,
+    ``eta_cutoff``, ``top_h``, ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``, ``begin_suppress_tokens``,
+    ``forced_bos_token_id``, ``forced_eos_token_id``, ``min_length``, ``min_new_tokens``,
+    ``exponential_decay_length_penalty``, ``renormalize_logits``, ``max_time``,
+    ``stop_strings``, ``num_beams``, ``length_penalty``, ``early_stopping``,
+    ``num_return_sequences``, ``eos_token_id``, ``pad_token_id``, ``output_scores``, ...);
+    what the call does not set comes from ``generation_config``, then from
+    ``model.generation_config`` (the checkpoint's), then from transformers' defaults
+    (generation_config.py). An unknown name is a ValueError.
 
-    input_ids: [B, T] (a 1-D tensor or a list is one prompt). Pad a batch on the left and
-        pass attention_mask [B, T] (0 = padding); positions then follow the mask.
-    max_new_tokens: at most this many new tokens; fewer when every row has finished
-        (the result is then shorter, as in transformers). 0 returns the prompt.
-    min_new_tokens: EOS is banned until this many tokens are made.
-    do_sample: False = greedy (or beam search); True = draw from softmax(processed logits)
-        with torch.multinomial, after temperature, top_k (0 = off; 50 by default, as
-        transformers) and top_p (1.0 = off), in that order.
-    repetition_penalty: > 1 discourages tokens already in the row (CTRL's penalty).
-    no_repeat_ngram_size: n > 0 forbids any n-gram to occur twice.
-    num_beams > 1: beam search; length_penalty is the exponent of the length that divides
-        a finished beam's log-probability; early_stopping True / False / "never" as there.
-    num_return_sequences: rows per prompt (beam search: the best ones; sampling: draws).
-    eos_token_id: int or list; by default the checkpoint's. None: never stop early.
-    pad_token_id: fills finished rows; default the checkpoint's, else the (first) EOS id.
+    input_ids: [B, T] (a 1-D tensor or a list is one prompt; None starts from
+        ``bos_token_id``). Pad a batch on the left and pass attention_mask [B, T]
+        (0 = padding); positions then follow the mask.
+    max_new_tokens: at most this many new tokens (>= 1; fewer when every row has finished:
+        the result is then shorter, as in transformers). Unset: max_length (prompt + new;
+        20 new tokens by default, within n_positions).
+    do_sample: False = greedy (or beam search); True = draw from softmax(processed scores)
+        with torch.multinomial, after temperature, top_k (50 by default, as transformers)
+        and the other warpers (sampling.py gives the order).
     generator: a torch.Generator for sampling, for reproducible draws that leave the
         global RNG alone. Without it, ``torch.manual_seed(s)`` before the call reproduces
         transformers' ``generate(do_sample=True)`` with the same seed.
-    stop: strings that end a row once its text contains one (needs ``tokenizer``).
+    tokenizer: needed for stop strings (``stop`` is minigpt2's name for ``stop_strings``).
+    assistant_model: a smaller GPT-2 with the same vocabulary drafts tokens that this model
+        checks in one forward (assisted.py); with ``prompt_lookup_num_tokens`` the drafts
+        come from the prompt's n-grams, with ``assistant_early_exit=N`` from this model's
+        first N layers. Greedy output is unchanged; sampled output keeps this model's
+        distribution (speculative sampling).
+    return_dict_in_generate: return a ``GenerateOutput`` (``output_scores``,
+        ``output_logits`` fill its scores / logits; beam search adds ``sequences_scores``
+        and ``beam_indices``), equal to transformers'.
+
+    Raises:
+        ValueError: naming the argument, for any bad value (before any work).
     """
-    input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask)
+    if stop is not None:
+        if kwargs.get("stop_strings") is not None and kwargs["stop_strings"] != stop:
+            raise ValueError("pass stop strings once: stop (minigpt2's name) or stop_strings (transformers'), not both")
+        kwargs["stop_strings"] = stop
+    if "inputs" in kwargs:  # transformers' name for the prompt
+        if input_ids is not None:
+            raise ValueError("pass the prompt once: input_ids or inputs, not both")
+        input_ids = kwargs.pop("inputs")
+    gc, default_max_length = resolve_generation_config(model, generation_config, kwargs, assistant_model)
+    input_ids, attention_mask = _check_prompt(model, input_ids, attention_mask, gc.bos_token_id)
     s = _check_settings(
-        model, input_ids.shape[1], tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
-        length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, stop=stop,
-    )  # fmt: skip
+        model, gc, input_ids.shape[1], default_max_length, tokenizer=tokenizer, generator=generator,
+        assistant_model=assistant_model,
+    )
     if attention_mask is None:
         attention_mask = _infer_mask(input_ids, s)
-    if s.max_new_tokens == 0:
-        return input_ids.repeat_interleave(s.num_return_sequences, dim=0)
     if s.num_beams > 1:
         with torch.inference_mode():
-            out = beam_search(model, input_ids, attention_mask, s, generator, tokenizer)
-        return out.clone()  # a normal tensor again, usable with autograd
+            r = beam_search(model, input_ids, attention_mask, s, generator, tokenizer)
+        if not s.return_dict:
+            return r.sequences.clone()  # a normal tensor again, usable with autograd
+        return GenerateOutput(
+            sequences=r.sequences.clone(),
+            scores=tuple(t.clone() for t in r.scores) if s.output_scores else None,
+            logits=tuple(t.clone() for t in r.logits) if s.output_logits else None,
+            sequences_scores=r.sequences_scores.clone() if s.output_scores else None,
+            beam_indices=r.beam_indices.clone(),
+        )
+    prompt_ids = input_ids
     if s.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
-    new = [token for token, _ in decode_n_tokens(model, input_ids, attention_mask, s, generator, tokenizer)]
-    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+    steps = _steps(model, input_ids, attention_mask, s, generator, tokenizer, assistant_model, prompt_ids)
+    new, scores, logits = [], [], []
+    for st in steps:
+        new.append(st.token)
+        if s.return_dict and s.output_scores:
+            scores.append(st.scores.clone())
+        if s.return_dict and s.output_logits:
+            logits.append(st.logits.clone())
+    sequences = torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+    if not s.return_dict:
+        return sequences
+    return GenerateOutput(
+        sequences=sequences,
+        scores=tuple(scores) if s.output_scores else None,
+        logits=tuple(logits) if s.output_logits else None,
+    )
 
 
+def _steps(
+    model: GPT2,
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    s: Settings,
+    generator: torch.Generator | None,
+    tokenizer: Tokenizer | None,
+    assistant_model: GPT2 | None,
+    prompt_ids: torch.Tensor,
+) -> Iterator[Step]:
+    """The decoding loop for greedy and sampling: plain, or assisted (assisted.py)."""
+    if s.assisted:
+        from . import assisted
+
+        return assisted.decode(model, ids, mask, s, generator, tokenizer, assistant_model)
+    return decode_n_tokens(model, ids, mask, s, generator, tokenizer, prompt_ids)
+
+
+def compute_transition_scores(
+    model: GPT2,
+    sequences: torch.Tensor,
+    scores: Sequence[torch.Tensor],
+    beam_indices: torch.Tensor | None = None,
+    normalize_logits: bool = False,
+) -> torch.Tensor:
+    """The score of each generated token, [B * n, new]: transformers' compute_transition_scores.
+
+    sequences: ``GenerateOutput.sequences``; scores: its ``scores`` (one [rows, V] tensor
+    per step); beam_indices: its ``beam_indices`` after beam search (None otherwise: row
+    i's token came from row i). ``normalize_logits``: log-softmax each step's scores first
+    (use it for greedy / sampling scores, which are not log-probabilities). Positions past
+    a beam's end are 0. With beam search and normalize_logits=False, summing a row and
+    dividing by its length ** length_penalty gives its sequences_scores.
+    """
+    if not scores:
+        raise ValueError("scores is empty: generate with return_dict_in_generate=True, output_scores=True")
+    V = scores[0].shape[-1]
+    if beam_indices is None:
+        beam_indices = torch.arange(scores[0].shape[0], device=sequences.device).view(-1, 1).expand(-1, len(scores))
+    stacked = torch.stack(list(scores)).reshape(len(scores), -1).transpose(0, 1)  # (rows * V, steps)
+    if normalize_logits:
+        stacked = stacked.reshape(-1, V, stacked.shape[-1]).log_softmax(dim=1).reshape(-1, stacked.shape[-1])
+    ended = beam_indices < 0
+    length = int((~ended).long().sum(-1).max())
+    beam_indices = beam_indices.clone()[:, :length]
+    ended = ended[:, :length]
+    beam_indices[ended] = 0
+    indices = sequences[:, sequences.shape[-1] - length :] + beam_indices * V  # rows of ``stacked``
+    out = stacked.gather(0, indices)
+    out[ended] = 0
+    return out
+
+
+# --------------------------------------------------------------------------- streaming
 @dataclass
 class StreamStep:
     """One step of ``stream``: the token each row made, and the text that became complete.
@@ -564,11 +785,19 @@ class StreamStep:
     ``texts[b]`` is "" while row b's newest bytes are an incomplete UTF-8 character (they
     come with a later step), after the row has finished, and for its EOS token. ``token``
     and ``text`` are row 0's, for the common one-prompt case.
+
+    With ``stream(..., logprobs=k)``: ``logprobs[b]`` is the log-probability of the token
+    row b made and ``top_ids[b]`` / ``top_logprobs[b]`` the k most likely tokens with
+    theirs (most likely first), all of the distribution ``logprobs_mode`` names; for a row
+    that finished before this step they are NaN / -1.
     """
 
     tokens: torch.Tensor  # [B] the id made at this step (pad_token_id for finished rows)
     texts: list[str]  # [B] new complete text per row ("" without a tokenizer)
     finished: torch.Tensor  # [B] bool: the row has ended (at this step or before)
+    logprobs: torch.Tensor | None = None  # [B] float32: log p(tokens[b])
+    top_ids: torch.Tensor | None = None  # [B, k] the k most likely tokens
+    top_logprobs: torch.Tensor | None = None  # [B, k] their log-probabilities
 
     @property
     def token(self) -> int:
@@ -579,19 +808,38 @@ class StreamStep:
         return self.texts[0]
 
 
+LOGPROBS_MODES = ("raw", "processed")
+
+
 def stream(
     model: GPT2,
     tokenizer: Tokenizer | None,
-    input_ids: str | torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    input_ids: str | torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None = None,
     attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | Mapping[str, Any] | None = None,
+    *,
+    logprobs: int | None = None,
+    logprobs_mode: str = "raw",
+    generator: torch.Generator | None = None,
+    assistant_model: GPT2 | None = None,
+    stop: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> Iterator[StreamStep]:
     """``generate`` one step at a time: yields a ``StreamStep`` as each token is made.
 
-    Takes generate's keyword arguments (beam search excepted: its best beam is only known
-    at the end). A string prompt is encoded with ``tokenizer``. The tokens equal
-    generate's; each row's texts joined equal ``tokenizer.decode`` of its new tokens up to
-    (not including) an EOS that ended it. Arguments are checked here, before the first step.
+    Takes generate's arguments (beam search excepted: its best beam is only known at the
+    end; num_return_sequences too: repeat the prompt in the batch). A string prompt is
+    encoded with ``tokenizer``. The tokens equal generate's; each row's texts joined equal
+    ``tokenizer.decode`` of its new tokens up to (not including) an EOS that ended it.
+    Arguments are checked here, before the first step.
+
+    logprobs: k >= 0: each step also carries the chosen token's log-probability and the k
+        most likely alternatives (k = 0: the chosen token's only).
+    logprobs_mode: "raw" (default): log-softmax of the model's logits, before any
+        processor: what the model believes, the same whatever the sampling settings (as
+        OpenAI's and vLLM's logprobs by default). "processed": log-softmax of the scores
+        the token was drawn from (after repetition penalty, temperature, top-k/top-p, ...;
+        tokens cut by a warper have -inf).
 
         for step in minigpt2.stream(model, tok, "Once upon a time", max_new_tokens=50):
             print(step.text, end="", flush=True)
@@ -600,47 +848,48 @@ def stream(
         if tokenizer is None:
             raise ValueError("a text prompt needs the tokenizer (pass tokenizer=...)")
         input_ids = tokenizer.encode(input_ids)
-    if kwargs.get("num_beams", 1) != 1:
-        raise ValueError(f"num_beams={kwargs['num_beams']!r}: beam search cannot stream; use generate")
-    if kwargs.get("num_return_sequences", 1) != 1:
-        raise ValueError("num_return_sequences cannot stream; repeat the prompt in the batch instead")
     if "tokenizer" in kwargs:
         raise ValueError("pass the tokenizer as stream's second argument")
-    generator = kwargs.pop("generator", None)
-    ids, mask = _check_prompt(model, input_ids, attention_mask)
-    defaults = {
-        "max_new_tokens": None, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 50,
-        "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1, "length_penalty": 1.0,
-        "early_stopping": False, "num_return_sequences": 1, "eos_token_id": FROM_CONFIG, "pad_token_id": None,
-        "stop": None,
-    }  # fmt: skip
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown argument(s) for stream: {', '.join(sorted(unknown))}")
-    if "max_new_tokens" not in kwargs:
-        raise ValueError("max_new_tokens is required")
-    s = _check_settings(model, ids.shape[1], tokenizer=tokenizer, generator=generator, **{**defaults, **kwargs})
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
+        raise ValueError(f"logprobs must be an integer >= 0 (alternatives per token) or None, got {logprobs!r}")
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode={logprobs_mode!r} must be one of {', '.join(LOGPROBS_MODES)}")
+    if logprobs is not None and logprobs > model.config.vocab_size:
+        raise ValueError(f"logprobs={logprobs} exceeds the vocabulary size {model.config.vocab_size}")
+    if stop is not None:
+        kwargs["stop_strings"] = stop
+    gc, default_max_length = resolve_generation_config(model, generation_config, kwargs, assistant_model)
+    ids, mask = _check_prompt(model, input_ids, attention_mask, gc.bos_token_id)
+    s = _check_settings(
+        model, gc, ids.shape[1], default_max_length, tokenizer=tokenizer, generator=generator,
+        assistant_model=assistant_model,
+    )
+    if s.num_beams != 1:
+        raise ValueError(f"num_beams={s.num_beams}: beam search cannot stream; use generate")
+    if s.num_return_sequences != 1:
+        raise ValueError("num_return_sequences cannot stream; repeat the prompt in the batch instead")
     if mask is None:
         mask = _infer_mask(ids, s)
-    return _stream_steps(model, tokenizer, ids, mask, s, generator)
+    steps = _steps(model, ids, mask, s, generator, tokenizer, assistant_model, ids)
+    return _stream_steps(tokenizer, ids.shape[0], steps, s, logprobs, logprobs_mode)
 
 
 def _stream_steps(
-    model: GPT2,
     tokenizer: Tokenizer | None,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
+    B: int,
+    steps: Iterator[Step],
     s: Settings,
-    generator: torch.Generator | None,
+    logprobs: int | None,
+    logprobs_mode: str,
 ) -> Iterator[StreamStep]:
     """The generator behind ``stream``: decode, and turn each row's bytes into text as they complete."""
-    B = ids.shape[0]
     # An incremental UTF-8 decoder per row holds back a character split across tokens and
     # replaces invalid bytes with U+FFFD, exactly as bytes.decode(errors="replace") would.
     utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(B)]
     done_before = torch.zeros(B, dtype=torch.bool)
     eos = set(s.eos_ids or ())
-    for token, finished in decode_n_tokens(model, ids, mask, s, generator, tokenizer):
+    for st in steps:
+        token, finished = st.token, st.finished
         texts = [""] * B
         if tokenizer is not None:
             fin = finished.cpu()
@@ -649,5 +898,23 @@ def _stream_steps(
                     continue
                 data = b"" if t in eos else _token_bytes(tokenizer, t)
                 texts[b] = utf8[b].decode(data, final=bool(fin[b]))
+        out = StreamStep(tokens=token, texts=texts, finished=finished)
+        if logprobs is not None:
+            out.logprobs, out.top_ids, out.top_logprobs = _logprobs(st, token, logprobs, logprobs_mode, done_before)
         done_before = finished.cpu()
-        yield StreamStep(tokens=token, texts=texts, finished=finished)
+        yield out
+
+
+def _logprobs(
+    st: Step, token: torch.Tensor, k: int, mode: str, done_before: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p of the chosen token [B], top-k ids [B, k], their log p [B, k]) of one step."""
+    with torch.inference_mode():
+        logp = torch.log_softmax(st.logits if mode == "raw" else st.scores, dim=-1)  # (B, V)
+        chosen = logp.gather(1, token.to(logp.device)[:, None])[:, 0]
+        top_lp, top_ids = torch.topk(logp, k, dim=-1)
+    gone = done_before.to(logp.device)
+    chosen = chosen.clone().masked_fill(gone, math.nan)
+    top_lp = top_lp.clone().masked_fill(gone[:, None], math.nan)
+    top_ids = top_ids.clone().masked_fill(gone[:, None], -1)
+    return chosen, top_ids, top_lp

@@ -451,19 +451,25 @@ def _tree_paths(lines: list[str]) -> list[str | None]:
     return out
 
 
+def explained_tree(model: GPT2) -> list[tuple[str, str | None, list[str]]]:
+    """``str(model)`` as (line, module path, notes) triples: the path is the module's name
+    ("transformer.h.*.attn.c_attn", "*" standing for every block; "" for the model, None for
+    a closing parenthesis) and the notes are ``inspect --explain``'s plain words for it."""
+    lines = str(model).splitlines()
+    notes = _explanations(model)
+    return [(line, path, notes.get(path, []) if path is not None else []) for line, path in zip(lines, _tree_paths(lines))]
+
+
 def module_tree(model: GPT2, explain: bool = False) -> list[str]:
     """``str(model)`` line by line (the leaf lines are transformers' print of the same
     checkpoint); with ``explain``, each part followed by ``#`` notes in plain words."""
-    lines = str(model).splitlines()
     if not explain:
-        return lines
-    notes = _explanations(model)
+        return str(model).splitlines()
     out: list[str] = []
-    for line, path in zip(lines, _tree_paths(lines)):
+    for line, _, notes in explained_tree(model):
         out.append(line)
-        if path is not None and path in notes:
-            indent = " " * (len(line) - len(line.lstrip()) + 2)
-            out.extend(f"{indent}# {note}" for note in notes[path])
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        out.extend(f"{indent}# {note}" for note in notes)
     return out
 
 
@@ -506,6 +512,7 @@ __all__ = [
     "ScoreResult",
     "UnknownActivationError",
     "describe",
+    "explained_tree",
     "logit_lens",
     "num_parameters",
     "parameter_breakdown",

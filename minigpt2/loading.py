@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import GPT2Config
+from .generation_config import GenerationConfig
 from .hub import HubRepo, atomic_write, local_dir
 from .tokenizer import Tokenizer
 
@@ -135,6 +136,7 @@ def _hub_checkpoint(repo: HubRepo) -> tuple[Path, list[Path]]:
     config = repo.file(CONFIG)
     if config is None:
         raise repo.error()
+    repo.file(GENERATION_CONFIG)  # optional: fetched beside config.json when the repo has one
     for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_BIN_INDEX)):
         found = repo.file(single)
         if found is not None:
@@ -343,10 +345,38 @@ def load_pretrained(
     model = model.to(dtype).to_empty(device=dev)
     model.lm_head.weight = model.transformer.wte.weight  # to_empty re-creates; re-tie
     load_state_from_files(model, weight_files)
-    gen = config_file.parent / GENERATION_CONFIG
-    model.generation_config = _read_json(gen) if gen.is_file() else {}
+    model.generation_config = _generation_config(config_file)
     model.name_or_path = os.fspath(name_or_path)
     return model.eval()
+
+
+def read_generation_config(name_or_path: str | os.PathLike[str], revision: str | None = None) -> GenerationConfig:
+    """A checkpoint's generation settings, as transformers finds them: its
+    generation_config.json, else derived from its config.json (a local directory or a Hub
+    repo id; from the Hub, only those two small files are fetched)."""
+    path = local_dir(name_or_path)
+    if path is not None:
+        config_file = path / CONFIG
+        if not config_file.is_file() and not (path / GENERATION_CONFIG).is_file():
+            raise FileNotFoundError(f"no {GENERATION_CONFIG} or {CONFIG} in checkpoint directory {path}")
+    else:
+        repo = HubRepo(os.fspath(name_or_path), revision)
+        found = repo.file(GENERATION_CONFIG)
+        if found is not None:
+            return GenerationConfig.from_json_file(found)
+        config_file = repo.file(CONFIG)
+        if config_file is None:
+            raise repo.error()
+    return _generation_config(config_file)
+
+
+def _generation_config(config_file: Path) -> GenerationConfig:
+    """generation_config.json beside ``config_file`` (a Hub download puts it there), else
+    what transformers derives from config.json itself."""
+    gen = config_file.parent / GENERATION_CONFIG
+    if gen.is_file():
+        return GenerationConfig.from_json_file(gen)
+    return GenerationConfig.from_model_config(_read_json(config_file))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -373,6 +403,12 @@ def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any)
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
+    gen = getattr(model, "generation_config", None)
+    if not isinstance(gen, GenerationConfig):  # never set, or set to a plain dict by hand
+        gen = GenerationConfig.from_dict(gen) if isinstance(gen, dict) else GenerationConfig.from_model_config(
+            model.config.to_dict()
+        )
+    gen.validate(vocab_size=model.config.vocab_size)  # before any file: a config generate refuses is not saved
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
@@ -386,10 +422,7 @@ def save_pretrained(model: GPT2, directory: str | os.PathLike[str], **card: Any)
     # from the source config.json (in config.extra) cannot contradict the saved weights.
     config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     atomic_write(out / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
-    gen.update(getattr(model, "generation_config", None) or {})
-    gen.pop("transformers_version", None)
-    atomic_write(out / GENERATION_CONFIG, json.dumps(gen, indent=2) + "\n")
+    gen.save_pretrained(out)
     tokenizer = getattr(model, "tokenizer", None) or Tokenizer.from_pretrained(getattr(model, "name_or_path", None))
     tokenizer.save_pretrained(out)
     if card:

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from . import generation, internals
 from .cache import KVCache
 from .config import GPT2Config
+from .generation_config import GenerationConfig
 
 #: fn(activation, name) -> replacement tensor or None (keep the activation).
 HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
@@ -292,7 +293,9 @@ class GPT2(nn.Module):
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, counted once
-        self.generation_config: dict[str, Any] = {}  # the checkpoint's generation_config.json
+        # The defaults of generate: the checkpoint's generation_config.json once loaded; for a
+        # model built from a config, what transformers derives from that config (bos / eos / pad).
+        self.generation_config = GenerationConfig.from_model_config(config.to_dict())
         self.name_or_path: str | None = None  # where from_pretrained found the weights
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale residual-path projections by 1/sqrt(N), N = 2 per block
@@ -353,12 +356,21 @@ class GPT2(nn.Module):
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
-        """Next-token cross-entropy with transformers' label semantics.
+        """Next-token cross-entropy: logits at t are scored against labels at t + 1 (the shift
+        happens here), -100 is ignored, as in transformers' ``GPT2LMHeadModel(labels=...)``.
 
-        labels default to input_ids (positions where attention_mask is 0 become -100); the
-        shift by one happens here: logits at t are scored against labels at t + 1, and -100
-        is ignored. ``reduction="mean"`` averages over counted tokens; "sum" returns the sum,
-        for gradient accumulation normalised by the tokens of all micro-batches.
+        Explicit ``labels`` keep transformers' semantics exactly: every label that is not -100
+        is a target, whatever the mask says about the position that predicts it.
+
+        Without ``labels`` they come from ``input_ids`` and the mask: a target counts only when
+        it is a real token *and* the position predicting it is one. So a padded row's loss is
+        the row's loss alone, with left padding too. (transformers' usual recipe,
+        ``labels = input_ids.masked_fill(attention_mask == 0, -100)``, also scores the first
+        real token of a left-padded row as predicted from the padding before it: the same as
+        this with right padding or none, one target more per left-padded row.)
+
+        ``reduction="mean"`` averages over counted targets; "sum" returns the sum, for gradient
+        accumulation normalised by the targets of all micro-batches.
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
@@ -366,8 +378,10 @@ class GPT2(nn.Module):
         if labels is None:
             labels = input_ids
             if attention_mask is not None:
-                mask = _check_attention_mask(attention_mask, *input_ids.shape, labels.device)
-                labels = labels.masked_fill(mask == 0, -100)
+                real = _check_attention_mask(attention_mask, *input_ids.shape, labels.device) != 0
+                counted = real.clone()
+                counted[:, 1:] &= real[:, :-1]  # the predicting position (t - 1) is real too
+                labels = labels.masked_fill(~counted, -100)
         else:
             labels = _check_labels(labels[None] if _is_1d(labels) else labels, self.config.vocab_size)
         if labels.shape != input_ids.shape:
@@ -381,6 +395,7 @@ class GPT2(nn.Module):
     # -------------------------------------------------------------- generation
     generate = generation.generate  # model.generate(input_ids, ..., max_new_tokens=N): see generation.py
     stream = generation.stream  # model.stream(tokenizer, prompt, ...): the same, step by step
+    compute_transition_scores = generation.compute_transition_scores  # each generated token's score
 
     # ------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
@@ -511,11 +526,11 @@ def default_position_ids(
     T: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
     """Positions of the T new tokens: past .. past + T - 1, or, with padding, counted over
-    real tokens only (cumsum(mask) - 1, padding at 1), as transformers' generate does."""
+    real tokens only (cumsum(mask) - 1, padding at 0), as transformers 5's generate does."""
     if attention_mask is None or bool(attention_mask.all()):
         return torch.arange(past, past + T, device=device)[None]  # (1, T)
     pos = attention_mask.long().cumsum(-1) - 1
-    pos = pos.masked_fill(attention_mask == 0, 1)
+    pos = pos.masked_fill(attention_mask == 0, 0)
     return pos[:, past:]  # (B, T)
 
 

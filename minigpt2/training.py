@@ -113,9 +113,10 @@ def text_files(data: str | os.PathLike[str]) -> list[Path]:
 
 
 def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """Changes when the tokenizer would give other ids (another vocabulary or special tokens)."""
+    """Changes when the tokenizer would give other ids (another vocabulary, added tokens or flags)."""
     probe = "Hello world, 123 ünïcödé <|endoftext|> tokens\n\n  end"
-    return json.dumps([tokenizer.n_vocab, tokenizer.eos_token_id, sorted(tokenizer.special_tokens.items()),
+    added = sorted((i, t.to_json()) for i, t in tokenizer.added_tokens_decoder.items())
+    return json.dumps([tokenizer.n_vocab, tokenizer.eos_token_id, added, tokenizer.add_prefix_space,
                        tokenizer.encode(probe)])
 
 

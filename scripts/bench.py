@@ -321,6 +321,18 @@ def training_rows(bench: Bench) -> None:
                   r["transformers_tok_s"], "tok/s")
 
 
+def assisted_rows(bench: Bench) -> None:
+    """The assisted-decoding rows (scripts/bench_assisted.py): a gpt2-large-shape target alone,
+    with a small assistant, as its own assistant, and the speed-up the step costs imply."""
+    path = REPO_ROOT / "scripts" / "bench_assisted.py"
+    if not path.is_file() or bench.args.skip_assisted:
+        return
+    spec = importlib.util.spec_from_file_location("bench_assisted", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    bench.extra["assisted"] = mod.assisted_rows(bench.add, quick=bench.args.quick, runs=bench.args.runs)
+
+
 # --------------------------------------------------------------------------- output
 def _fmt(v: Any) -> str:
     if v is None:
@@ -366,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed runs per figure, after one warm-up (median)")
     p.add_argument("--quick", action="store_true", help="short smoke run: fewer tokens, one run, no large-shape load")
     p.add_argument("--skip-large", action="store_true", help="skip the gpt2-large load-memory figure")
+    p.add_argument("--skip-assisted", action="store_true", help="skip the assisted-decoding rows (gpt2-large target)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--plot", type=Path, help="draw tokens/s against batch size and dtype (needs matplotlib)")
     args = p.parse_args(argv)
@@ -383,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         del bench.hf
         gc.collect()
         training_rows(bench)
+        assisted_rows(bench)
     elapsed = time.perf_counter() - start
     print(f"# total {elapsed:.0f} s")
     if args.json:

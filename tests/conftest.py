@@ -1,9 +1,10 @@
 """Shared fixtures: random-weight checkpoints saved by transformers itself.
 
 The Hub is out of reach in CI, so every parity test builds its checkpoint here with
-``GPT2LMHeadModel(GPT2Config(...)).save_pretrained(dir)``. transformers initialises
-biases to 0 and LayerNorms to 1 / 0, which would hide a missing bias or a swapped
-LayerNorm, so ``perturb`` moves every one of them away from its default.
+transformers' ``GPT2LMHeadModel(GPT2Config(...)).save_pretrained(dir)``, through the public
+helpers of ``minigpt2.testing``: transformers initialises biases to 0 and LayerNorms to
+1 / 0, which would hide a missing bias or a swapped LayerNorm, so ``perturb`` moves every
+one of them away from its default.
 """
 
 from __future__ import annotations
@@ -14,43 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network in tests
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 transformers = pytest.importorskip("transformers")
 
+from minigpt2.testing import TINY_CONFIG, perturb, random_checkpoint, random_transformers_model  # noqa: E402
+
 # A small config that still has several heads and layers; vocab small enough to be fast
 # but above 256 so byte-level ids are meaningful.
-TINY: dict[str, Any] = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+TINY: dict[str, Any] = TINY_CONFIG
 
-
-def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    """Move every bias and LayerNorm parameter off transformers' 0 / 1 initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name or name.endswith(".bias"):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+__all__ = ["TINY", "assert_close_or_none", "build_hf_model", "perturb", "save_hf_checkpoint"]
 
 
 def build_hf_model(seed: int = 0, **config: Any) -> Any:
     """A transformers GPT2LMHeadModel with random weights and perturbed biases / norms, in eval mode."""
-    torch.manual_seed(seed)
-    kw = {**TINY, **config}
-    kw.setdefault("bos_token_id", min(50256, kw["vocab_size"] - 1))
-    kw.setdefault("eos_token_id", min(50256, kw["vocab_size"] - 1))
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw))
-    perturb(hf, seed)
-    return hf.eval()
+    return random_transformers_model(seed, **config)
 
 
 def save_hf_checkpoint(directory: Path, seed: int = 0, **config: Any) -> tuple[Path, Any]:
-    """Save a random checkpoint with transformers' own save_pretrained; return (dir, hf model)."""
-    hf = build_hf_model(seed, **config)
-    hf.save_pretrained(directory)
-    return directory, hf
+    """Save a random checkpoint with transformers' own save_pretrained; return (dir, hf model),
+    the model as transformers loads it back from those files (what minigpt2 reads too)."""
+    path = random_checkpoint(directory, seed=seed, **config)
+    return path, transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 
 
 def assert_close_or_none(actual: Any, expected: Any, rel: float = 1e-6, what: str = "value") -> None:

@@ -87,7 +87,7 @@ def test_compare_sections_and_seed(ckpt: tuple[Path, Any]) -> None:
         assert setting in out
     lines = out.splitlines()
     outputs = {lines[i].removeprefix("--- "): lines[i + 1] for i, ln in enumerate(lines) if ln.startswith("--- ")}
-    assert len(outputs) == 10
+    assert len(outputs) == 16  # with the min-p and typical-p sections (test_compare_has_min_p_and_typical_p)
     greedy = outputs["do_sample=False (argmax at every step)"]
     assert greedy == hf_text(hf, PROMPT, max_new_tokens=6)
     assert outputs["temperature=1.0, top_k=1, top_p=1.0, do_sample=True"] == greedy  # top-k 1 is greedy
@@ -123,6 +123,15 @@ def test_missing_model_directory_exit_1(tmp_path: Path) -> None:
         (["--num-samples", "0"], "num-samples"),
         (["--repetition-penalty", "0"], "repetition-penalty"),
         (["--dtype", "int8"], "dtype"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--min-p", "1.5"], "min-p"),
+        (["--typical-p", "0"], "typical-p"),
+        (["--epsilon-cutoff", "1"], "epsilon-cutoff"),
+        (["--logprobs", "-1"], "logprobs"),
+        (["--num-assistant-tokens", "0"], "num-assistant-tokens"),
+        (["--assistant", "x", "--num-beams", "2"], "num-beams"),
+        (["--assistant", "x", "--prompt-lookup", "2"], "prompt-lookup"),
+        (["--bad-words", ""], "bad-words"),
     ],
 )
 def test_bad_values_are_usage_errors(args: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,6 +152,94 @@ def test_empty_prompt_is_unconditional(ckpt: tuple[Path, Any], capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "<|endoftext|>" not in out
     assert out == hf_text(hf, "", seed=4, max_new_tokens=5, do_sample=True) + "\n"
+
+
+# --------------------------------------------------------------------------- the new settings
+def test_new_sampling_flags_sample_what_transformers_samples(ckpt: tuple[Path, Any],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    d, hf = ckpt
+    flags = ["--min-p", "0.05", "--typical-p", "0.9", "--epsilon-cutoff", "0.0001", "--top-k", "0"]
+    assert main(["generate", PROMPT, "--model", str(d), "--max-new-tokens", "8", "--seed", "3", *flags]) == 0
+    expected = hf_text(hf, PROMPT, seed=3, max_new_tokens=8, do_sample=True, min_p=0.05, typical_p=0.9,
+                       epsilon_cutoff=0.0001, top_k=0)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_bad_words_are_banned_with_and_without_a_space(ckpt: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    d, hf = ckpt
+    tok = Tokenizer()
+    base = ["generate", PROMPT, "--model", str(d), "--max-new-tokens", "8", "--greedy"]
+    ids = torch.tensor([tok.encode(PROMPT)])
+    first = int(hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, pad_token_id=0)[0, -1])
+    word = tok.decode([first]).strip()  # what greedy decoding makes first, without its space
+    bad = [tok.encode(word), tok.encode(" " + word)]
+    assert [first] in bad
+    assert main([*base, "--bad-words", word]) == 0
+    out = capsys.readouterr().out
+    expected = hf_text(hf, PROMPT, max_new_tokens=8, bad_words_ids=bad)
+    assert out == expected + "\n" and first not in tok.encode(expected[len(PROMPT) :])
+
+
+def test_assistant_gives_the_same_greedy_text(ckpt: tuple[Path, Any], make_checkpoint: Any,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    d, _ = ckpt
+    draft, _ = make_checkpoint(seed=9, vocab_size=50257, n_positions=256, n_embd=32, n_layer=1, n_head=2)
+    small, _ = make_checkpoint(seed=9, n_layer=1)  # vocab_size 1000: another tokenizer
+    capsys.readouterr()
+    base = ["generate", PROMPT, "--model", str(d), "--max-new-tokens", "10", "--greedy"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main([*base, "--assistant", str(draft), "--num-assistant-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*base, "--prompt-lookup", "3"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*base, "--assistant", str(small)]) == 1
+    assert_one_line_error(capsys.readouterr().err, "vocab_size")
+
+
+def test_logprobs_lines(ckpt: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    d, hf = ckpt
+    tok = Tokenizer()
+    assert main(["generate", PROMPT, "--model", str(d), "--max-new-tokens", "4", "--greedy", "--logprobs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ids = torch.tensor([tok.encode(PROMPT)])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, return_dict_in_generate=True,
+                      output_logits=True, pad_token_id=tok.eos_token_id)
+    assert lines[0] == PROMPT and len(lines) == 1 + 4 + 2
+    for line, token, logits in zip(lines[1:5], ref.sequences[0, -4:].tolist(), ref.logits):
+        logp = torch.log_softmax(logits[0], -1)
+        text, value = line.split("[")[0].rsplit(maxsplit=1)
+        assert text == repr(tok.decode([token])) and float(value) == pytest.approx(float(logp[token]), abs=1e-3)
+        assert line.count(",") >= 1  # two alternatives
+    assert lines[-1] == hf_text(hf, PROMPT, max_new_tokens=4)
+
+
+def test_checkpoint_generation_config_is_the_cli_default(ckpt: tuple[Path, Any], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    d, hf = ckpt
+    ft = tmp_path / "ft"
+    shutil.copytree(d, ft)
+    gc = json.loads((ft / "generation_config.json").read_text())
+    gc.update(top_k=1, max_new_tokens=6)  # sampling with top-k 1 is greedy; 6 new tokens
+    (ft / "generation_config.json").write_text(json.dumps(gc))
+    assert main(["generate", PROMPT, "--model", str(ft), "--seed", "1"]) == 0
+    assert capsys.readouterr().out == hf_text(hf, PROMPT, max_new_tokens=6) + "\n"
+
+
+def test_compare_has_min_p_and_typical_p(ckpt: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    d, hf = ckpt
+    assert main(["compare", PROMPT, "--model", str(d), "--max-new-tokens", "5", "--seed", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "=== Min-p (top-k off, temperature 1.0) ===" in lines and "=== Typical-p (top-k off, temperature 1.0) ===" in lines
+    outputs = {lines[i].removeprefix("--- "): lines[i + 1] for i, ln in enumerate(lines) if ln.startswith("--- ")}
+    assert len(outputs) == 16
+    assert outputs["temperature=1.0, top_k=0, min_p=0.1, do_sample=True"] == hf_text(
+        hf, PROMPT, seed=2, max_new_tokens=5, do_sample=True, top_k=0, min_p=0.1)
+    assert outputs["temperature=1.0, top_k=0, typical_p=0.5, do_sample=True"] == hf_text(
+        hf, PROMPT, seed=2, max_new_tokens=5, do_sample=True, top_k=0, typical_p=0.5)
 
 
 def test_beam_search_from_the_cli(ckpt: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:

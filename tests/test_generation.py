@@ -89,10 +89,6 @@ def test_prompt_as_list_or_1d_tensor(lively: Any) -> None:
     assert ref.dtype == torch.long and not ref.is_inference()  # usable with autograd afterwards
 
 
-def test_max_new_tokens_zero_returns_the_prompt(lively: Any) -> None:
-    model, _ = lively
-    ids = prompts(2, 4)
-    assert torch.equal(model.generate(ids, max_new_tokens=0), ids)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -342,9 +338,10 @@ def test_stream_holds_back_incomplete_utf8(full_vocab: Any, monkeypatch: pytest.
     assert any(tok.decode([t]) == "\ufffd" for t in forced)  # some token is part of a character
     eos = tok.eos_token_id
 
-    def fake_decode(model: Any, ids: torch.Tensor, mask: Any, s: Any, generator: Any = None, tokenizer: Any = None):
+    def fake_decode(model: Any, ids: torch.Tensor, mask: Any, s: Any, *rest: Any):
+        logits = torch.zeros(1, model.config.vocab_size)
         for i, t in enumerate(forced + [eos]):
-            yield torch.tensor([t]), torch.tensor([i == len(forced)])
+            yield generation.Step(torch.tensor([t]), torch.tensor([i == len(forced)]), logits, logits)
 
     monkeypatch.setattr(generation, "decode_n_tokens", fake_decode)
     steps = list(minigpt2.stream(model, tok, [eos], max_new_tokens=len(forced) + 1))
@@ -397,7 +394,7 @@ def test_stop_strings_match_transformers(full_vocab: Any, tmp_path: Path) -> Non
 BAD: list[tuple[dict[str, Any], str]] = [
     (dict(do_sample=True, temperature=0.0), "temperature"),
     (dict(do_sample=True, temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=-0.1), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
@@ -414,6 +411,37 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (dict(stop=["\n"]), "tokenizer"),
     (dict(generator="seed"), "generator"),
     (dict(max_new_tokens=200), "n_positions=128"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=None, max_length=4), "max_length"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(typical_p=0.0), "typical_p"),
+    (dict(typical_p=1.2), "typical_p"),
+    (dict(epsilon_cutoff=1.0), "epsilon_cutoff"),
+    (dict(eta_cutoff=-0.5), "eta_cutoff"),
+    (dict(top_h=0.0), "top_h"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(bad_words_ids=[[3, 1000]]), "bad_words_ids"),
+    (dict(bad_words_ids=[3, 4]), "bad_words_ids"),
+    (dict(sequence_bias={(1000,): 1.0}), "sequence_bias"),
+    (dict(sequence_bias={(): 1.0}), "sequence_bias"),
+    (dict(sequence_bias={(3,): "big"}), "sequence_bias"),
+    (dict(suppress_tokens=[5, 1000]), "suppress_tokens"),
+    (dict(begin_suppress_tokens=[-1]), "begin_suppress_tokens"),
+    (dict(forced_bos_token_id=1000), "forced_bos_token_id"),
+    (dict(forced_eos_token_id=[3, 2000]), "forced_eos_token_id"),
+    (dict(exponential_decay_length_penalty=(2,)), "exponential_decay_length_penalty"),
+    (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), "exponential_decay_length_penalty"),
+    (dict(min_length=-1), "min_length"),
+    (dict(max_time=-1.0), "max_time"),
+    (dict(stop_strings=[""]), "stop_strings"),
+    (dict(renormalize_logits="yes"), "renormalize_logits"),
+    (dict(num_assistant_tokens=0, prompt_lookup_num_tokens=2), "num_assistant_tokens"),
+    (dict(num_assistant_tokens_schedule="fast", prompt_lookup_num_tokens=2), "num_assistant_tokens_schedule"),
+    (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens"),
+    (dict(assistant_early_exit=3), "assistant_early_exit"),
+    (dict(prompt_lookup_num_tokens=2, num_return_sequences=2, do_sample=True), "num_return_sequences"),
+    (dict(prompt_lookup_num_tokens=2, assistant_early_exit=1), "one source"),
 ]
 
 
@@ -487,3 +515,492 @@ def test_prefill_once_then_one_token_per_step(lively: Any, monkeypatch: pytest.M
     assert calls == [(2, 9)] + [(2, 1)] * 5
     assert head_inputs == [(2, 64)] * 6  # (B, C): one position per row
     assert caches == [9 + 6]
+
+
+# --------------------------------------------------------------------------- every processor, in generate
+def greedy_path(model: GPT2, ids: torch.Tensor, n: int, **kw: Any) -> list[list[int]]:
+    return model.generate(ids, max_new_tokens=n, eos_token_id=None, **kw)[:, ids.shape[1] :].tolist()
+
+
+WARPER_MIXES = [
+    dict(min_p=0.05),
+    dict(min_p=0.2, temperature=1.5, top_k=0),
+    dict(typical_p=0.4),
+    dict(typical_p=0.9, top_k=0, temperature=0.7),
+    dict(epsilon_cutoff=0.003, top_k=0),
+    dict(eta_cutoff=0.002, top_k=0),
+    dict(top_h=0.6, top_k=0),
+    dict(top_h=0.3, min_p=0.02, typical_p=0.95, top_p=0.9, temperature=1.2),
+    dict(top_p=0.0),  # keeps the most likely token only, as in transformers
+    dict(renormalize_logits=True, top_k=30, min_p=0.05),
+]
+
+
+@pytest.mark.parametrize("mix", WARPER_MIXES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_new_warpers_sample_what_transformers_samples(lively: Any, mix: dict[str, Any]) -> None:
+    model, hf = lively
+    ids = prompts(3, 5, seed=21)
+    assert_same(*both(model, hf, ids, seed=7, max_new_tokens=12, do_sample=True, **mix))
+
+
+def test_warpers_in_beam_sampling(lively: Any) -> None:
+    """Beam sampling keeps n_eos + 1 tokens in every warper (min_tokens_to_keep), as there."""
+    model, hf = lively
+    ids = prompts(2, 5, seed=22)
+    for mix in (dict(min_p=0.3), dict(typical_p=0.2), dict(epsilon_cutoff=0.05, top_k=0), dict(top_h=0.2)):
+        assert_same(*both(model, hf, ids, seed=8, max_new_tokens=8, num_beams=3, do_sample=True, **mix))
+
+
+def test_processors_change_greedy_as_in_transformers(lively: Any) -> None:
+    """Each processor, given values that change the greedy path, changes it as transformers does."""
+    model, hf = lively
+    ids = prompts(2, 5, seed=23)
+    free = greedy_path(model, ids, 10)
+    a, b = free[0][2], free[0][3]  # tokens row 0 makes at steps 2 and 3
+    eos = free[1][4]
+    cases = [
+        dict(bad_words_ids=[[a]]),
+        dict(bad_words_ids=[[a, b], [free[1][0]]]),  # a two-token sequence: b is banned only after a
+        dict(sequence_bias={(a,): -30.0, (free[1][2],): 5.0}),
+        dict(sequence_bias=[[[a, b], -40.0]]),
+        dict(suppress_tokens=[a, free[1][1]]),
+        dict(begin_suppress_tokens=[free[0][0], free[1][0]]),
+        dict(forced_eos_token_id=eos),
+        dict(min_length=5 + 8, eos_token_id=eos),
+        dict(exponential_decay_length_penalty=(1, 3.0), eos_token_id=eos),
+        dict(encoder_repetition_penalty=3.0),
+        dict(remove_invalid_values=True, repetition_penalty=1.5),
+    ]
+    for kw in cases:
+        ours, theirs = both(model, hf, ids, max_new_tokens=10, **kw)
+        assert_same(ours, theirs)
+        if "remove_invalid_values" not in kw:
+            changed = model.generate(ids, max_new_tokens=10, **kw)[:, 5:].tolist() != greedy_path(model, ids, 10)
+            assert changed, f"{kw} changed nothing: the case tests nothing"
+    # The prompt's n-grams banned: a prompt that ends with the model's own continuation, which repeats itself.
+    looped = torch.cat([ids, torch.tensor(free)[:, :6]], dim=1)
+    for n in (1, 2):
+        ours, theirs = both(model, hf, looped, max_new_tokens=10, encoder_no_repeat_ngram_size=n)
+        assert_same(ours, theirs)
+        assert ours[:, 11:].tolist() != greedy_path(model, looped, 10)
+
+
+def test_forced_bos_on_a_one_token_prompt(lively: Any) -> None:
+    """forced_bos_token_id fires when the sequence is one token long (transformers' rule), and
+    begin_suppress_tokens then moves to the second new token."""
+    model, hf = lively
+    ids = prompts(2, 1, seed=24)
+    assert_same(*both(model, hf, ids, max_new_tokens=6, forced_bos_token_id=7))
+    first = greedy_path(model, ids, 3, forced_bos_token_id=7)
+    assert_same(*both(model, hf, ids, max_new_tokens=6, forced_bos_token_id=7, begin_suppress_tokens=[first[0][1]]))
+
+
+def test_processors_in_beam_search(lively: Any) -> None:
+    model, hf = lively
+    ids = prompts(2, 5, seed=25)
+    free = greedy_path(model, ids, 8)
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, bad_words_ids=[[free[0][1]]],
+              sequence_bias={(free[1][2],): -5.0}, suppress_tokens=[free[0][3]], min_p=0.1, renormalize_logits=True,
+              eos_token_id=free[1][4], min_length=9)
+    assert_same(*both(model, hf, ids, **kw))
+
+
+def test_max_time_stops_the_call(lively: Any) -> None:
+    """max_time=0: the first step already runs past it, so one token is made (as transformers)."""
+    model, hf = lively
+    ids = prompts(2, 5, seed=26)
+    for kw in (dict(), dict(num_beams=2), dict(do_sample=True)):
+        ours, theirs = both(model, hf, ids, seed=1, max_new_tokens=20, max_time=0.0, **kw)
+        assert_same(ours, theirs)
+        assert ours.shape[1] == 6
+    assert model.generate(ids, max_new_tokens=20, max_time=60.0, eos_token_id=None).shape[1] == 25
+
+
+def test_stop_strings_is_transformers_spelling_of_stop(full_vocab: Any) -> None:
+    model, _ = full_vocab
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode("The weather today is")])
+    free = tok.decode(model.generate(ids, max_new_tokens=12)[0, 4:].tolist())
+    stop = free[8:11]
+    a = model.generate(ids, max_new_tokens=12, stop=[stop], tokenizer=tok)
+    b = model.generate(ids, max_new_tokens=12, stop_strings=stop, tokenizer=tok)
+    assert torch.equal(a, b) and a.shape[1] < 4 + 12
+    with pytest.raises(ValueError, match="once"):
+        model.generate(ids, max_new_tokens=3, stop=["a"], stop_strings=["b"], tokenizer=tok)
+
+
+# --------------------------------------------------------------------------- scores
+def dict_both(model: GPT2, hf: Any, ids: torch.Tensor, seed: int = 0, **kw: Any) -> tuple[Any, Any]:
+    kw = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    torch.manual_seed(seed)
+    ours = model.generate(ids, **kw)
+    torch.manual_seed(seed)
+    return ours, hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+
+
+def assert_close_tuple(ours: Any, theirs: Any) -> None:
+    assert ours is not None and theirs is not None and len(ours) == len(theirs)
+    for o, t in zip(ours, theirs):
+        assert o.shape == t.shape
+        assert torch.equal(torch.isinf(o), torch.isinf(t))
+        finite = torch.isfinite(t)
+        scale = float(t[finite].abs().max())
+        assert float((o[finite] - t[finite]).abs().max()) <= 1e-4 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(do_sample=True, top_k=20, temperature=0.8), dict(repetition_penalty=1.3, min_new_tokens=3),
+     dict(do_sample=True, num_return_sequences=2, top_p=0.8)],
+    ids=["greedy", "sampling", "processors", "samples"],
+)
+def test_scores_and_logits_equal_transformers(lively: Any, kw: dict[str, Any]) -> None:
+    model, hf = lively
+    ids = prompts(2, 5, seed=27)
+    eos = eos_in_greedy_path(model, ids, at=3)
+    ours, theirs = dict_both(model, hf, ids, seed=3, max_new_tokens=8, eos_token_id=eos, **kw)
+    assert isinstance(ours, minigpt2.GenerateOutput) and ours.beam_indices is None and ours.sequences_scores is None
+    assert_same(ours.sequences, theirs.sequences)
+    assert_close_tuple(ours.scores, theirs.scores)
+    assert_close_tuple(ours.logits, theirs.logits)
+    for norm in (False, True):
+        t_ours = model.compute_transition_scores(ours.sequences, ours.scores, normalize_logits=norm)
+        t_theirs = hf.compute_transition_scores(theirs.sequences, theirs.scores, normalize_logits=norm)
+        assert torch.allclose(t_ours, t_theirs, atol=1e-4)
+    assert not ours.scores[0].is_inference()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(num_beams=3, num_return_sequences=3), dict(num_beams=4, length_penalty=0.5, num_return_sequences=2),
+     dict(num_beams=3, do_sample=True, top_k=30, num_return_sequences=2)],
+    ids=["beams", "length_penalty", "beam_sampling"],
+)
+def test_beam_scores_indices_and_transition_scores(lively: Any, kw: dict[str, Any]) -> None:
+    model, hf = lively
+    ids = prompts(2, 5, seed=28)
+    eos = eos_in_greedy_path(model, ids, at=2)
+    ours, theirs = dict_both(model, hf, ids, seed=5, max_new_tokens=9, eos_token_id=eos, **kw)
+    assert_same(ours.sequences, theirs.sequences)
+    assert torch.equal(ours.beam_indices, theirs.beam_indices) and ours.beam_indices.dtype == theirs.beam_indices.dtype
+    assert torch.allclose(ours.sequences_scores, theirs.sequences_scores, atol=1e-5)
+    assert_close_tuple(ours.scores, theirs.scores)
+    assert_close_tuple(ours.logits, theirs.logits)
+    t_ours = model.compute_transition_scores(ours.sequences, ours.scores, ours.beam_indices)
+    t_theirs = hf.compute_transition_scores(theirs.sequences, theirs.scores, theirs.beam_indices)
+    assert torch.allclose(t_ours, t_theirs, atol=1e-4)
+    # transformers' documented identity: the summed transition scores, length-penalised, are the sequence scores.
+    lp = kw.get("length_penalty", 1.0)
+    length = (ours.beam_indices >= 0).sum(dim=1)
+    assert torch.allclose(t_ours.sum(dim=1) / length**lp, ours.sequences_scores, atol=1e-4)
+
+
+def test_return_dict_without_scores(lively: Any) -> None:
+    model, hf = lively
+    ids = prompts(1, 5)
+    out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True)
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, return_dict_in_generate=True)
+    assert out.scores is None and out.logits is None and torch.equal(out.sequences, ref.sequences)
+    beam = model.generate(ids, max_new_tokens=4, num_beams=2, return_dict_in_generate=True)
+    assert beam.sequences_scores is None and beam.beam_indices is not None
+    with pytest.raises(ValueError, match="output_scores"):
+        model.compute_transition_scores(out.sequences, ())
+
+
+# --------------------------------------------------------------------------- logprobs while streaming
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+def test_stream_logprobs(lively: Any, mode: str) -> None:
+    model, hf = lively
+    ids = prompts(2, 5, seed=29)
+    kw = dict(max_new_tokens=7, do_sample=True, top_k=10, temperature=0.7, repetition_penalty=1.2)
+    torch.manual_seed(4)
+    steps = list(model.stream(None, ids, logprobs=5, logprobs_mode=mode, **kw))
+    torch.manual_seed(4)
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, output_scores=True,
+                      output_logits=True, **kw)
+    assert torch.equal(torch.stack([s.tokens for s in steps], 1), ref.sequences[:, 5:])
+    dists = ref.logits if mode == "raw" else ref.scores
+    for s, d in zip(steps, dists):
+        logp = torch.log_softmax(d, dim=-1)
+        top = torch.topk(logp, 5, dim=-1)
+        assert s.top_ids.shape == (2, 5) and torch.equal(s.top_ids, top.indices)
+        assert torch.allclose(s.top_logprobs, top.values, atol=1e-5)
+        assert torch.allclose(s.logprobs, logp.gather(1, s.tokens[:, None])[:, 0], atol=1e-5)
+        assert bool((s.logprobs <= s.top_logprobs[:, 0] + 1e-6).all())  # nothing beats the most likely
+    if mode == "processed":  # top-k 10: the 10 best are finite, the rest was cut
+        assert bool(torch.isfinite(steps[0].top_logprobs).all())
+
+
+def test_stream_logprobs_after_a_row_finished(lively: Any) -> None:
+    model, _ = lively
+    ids = prompts(2, 5, seed=30)
+    eos = eos_in_greedy_path(model, ids, at=1)
+    steps = list(model.stream(None, ids, max_new_tokens=6, eos_token_id=eos, logprobs=2))
+    gone = [s for s in steps if bool(s.finished[0])][1:]  # steps after row 0's EOS
+    assert gone and all(torch.isnan(s.logprobs[0]) and bool((s.top_ids[0] == -1).all()) for s in gone)
+    assert all(torch.isfinite(s.logprobs[1]) for s in steps)
+    with pytest.raises(ValueError, match="logprobs"):
+        model.stream(None, ids, max_new_tokens=2, logprobs=-1)
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        model.stream(None, ids, max_new_tokens=2, logprobs=1, logprobs_mode="softmax")
+
+
+# --------------------------------------------------------------------------- right padding (transformers 5)
+def right_padded(vocab: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [prompts(1, n, seed=40 + n, vocab=vocab)[0] for n in (7, 3, 5)]
+    ids = torch.full((3, 7), vocab - 1, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(num_beams=3), dict(do_sample=True, top_k=30), dict(repetition_penalty=1.3, no_repeat_ngram_size=2)],
+    ids=["greedy", "beams", "sampling", "penalties"],
+)
+def test_right_padded_batch_matches_transformers_5(lively: Any, kw: dict[str, Any]) -> None:
+    """transformers 5 gives padding position 0 and continues new tokens from the last prompt
+    position (so a right-padded row's first new token sits at position 1); so does minigpt2."""
+    model, hf = lively
+    ids, mask = right_padded()
+    assert_same(*both(model, hf, ids, mask, seed=12, max_new_tokens=8, **kw))
+
+
+# --------------------------------------------------------------------------- edge values, as transformers
+def outcome(fn: Any) -> Any:
+    """The result of fn(), or the exception type it raised."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e)
+
+
+@pytest.mark.filterwarnings("ignore:.*(max_length|Unfeasible length constraints).*:UserWarning")  # transformers' own
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=-2),
+        dict(max_new_tokens=None, max_length=9),
+        dict(max_length=9),
+        dict(max_length=5),  # = prompt length: nothing left
+        dict(max_length=3),
+        dict(),  # nothing set: 20 new tokens
+        dict(num_beams=2, num_return_sequences=3),
+        dict(num_return_sequences=2),  # greedy rows would be equal
+        dict(max_new_tokens=4, min_new_tokens=8),
+        dict(max_new_tokens=4, min_length=30),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "nothing",
+)
+def test_edge_values_do_what_transformers_does(lively: Any, kw: dict[str, Any]) -> None:
+    """Where transformers raises, minigpt2 raises a ValueError; where it returns, the same tokens."""
+    model, hf = lively
+    ids = prompts(2, 5, seed=31)
+    ours = outcome(lambda: model.generate(ids, **kw))
+    theirs = outcome(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), **kw))
+    if isinstance(theirs, type):
+        assert theirs is ValueError and ours is ValueError, (ours, theirs)
+    else:
+        assert not isinstance(ours, type), ours
+        assert_same(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:.*max_length.*:UserWarning")  # transformers' advice to set max_new_tokens
+def test_default_length_stays_within_the_position_table(lively: Any) -> None:
+    """No max_new_tokens / max_length: 20 new tokens, cut at n_positions (128 here), as there."""
+    model, hf = lively
+    ids = prompts(1, 120, seed=32)
+    ours = model.generate(ids, eos_token_id=None)
+    assert ours.shape == (1, 128)
+    hf.generation_config.eos_token_id = None
+    try:
+        assert_same(ours, hf.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0))
+    finally:
+        hf.generation_config.eos_token_id = 999
+
+
+def test_no_prompt_starts_from_bos(lively: Any) -> None:
+    model, hf = lively
+    assert_same(model.generate(max_new_tokens=6), hf.generate(max_new_tokens=6))
+    for empty in ([], [[]], torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match="empty"):
+            model.generate(empty, max_new_tokens=3)
+
+
+# --------------------------------------------------------------------------- the checkpoint's generation config
+def write_generation_config(d: Path, **fields: Any) -> None:
+    import json
+
+    data = json.loads((d / "generation_config.json").read_text())
+    data.update(fields)
+    (d / "generation_config.json").write_text(json.dumps(data))
+
+
+def test_generation_config_json_sets_the_defaults(make_checkpoint: Any, tmp_path: Path) -> None:
+    """A fine-tune that ships do_sample / top_p / max_new_tokens generates with them, as in transformers."""
+    import shutil
+
+    import transformers
+
+    src, _ = make_checkpoint(**LIVELY)
+    d = tmp_path / "ft"
+    shutil.copytree(src, d)
+    write_generation_config(d, do_sample=True, top_p=0.7, top_k=0, temperature=1.3, max_new_tokens=9,
+                            repetition_penalty=1.2)
+    model = GPT2.from_pretrained(d)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    gc = model.generation_config
+    assert isinstance(gc, minigpt2.GenerationConfig) and gc.do_sample is True and gc.top_p == 0.7
+    ids = prompts(2, 5, seed=33)
+    assert_same(*both(model, hf, ids, seed=2))  # no arguments: the file's settings
+    out = model.generate(ids)
+    assert out.shape[1] == 5 + 9 or out.shape[1] < 5 + 9  # max_new_tokens from the file
+    assert_same(*both(model, hf, ids, seed=2, do_sample=False))  # an argument overrides the file
+    assert_same(*both(model, hf, ids, seed=2, top_k=None, top_p=None))  # None turns a warper off
+    # generate(generation_config=...): its unset fields still come from the checkpoint
+    cfg = minigpt2.GenerationConfig(temperature=0.5, max_new_tokens=4)
+    torch.manual_seed(3)
+    ours = model.generate(ids, generation_config=cfg)
+    torch.manual_seed(3)
+    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids),
+                         generation_config=transformers.GenerationConfig(temperature=0.5, max_new_tokens=4))
+    assert_same(ours, theirs)
+
+
+def test_generation_config_from_an_old_style_config_json(make_checkpoint: Any, tmp_path: Path) -> None:
+    """No generation_config.json: generation keys of config.json are the defaults (transformers'
+    from_model_config), task_specific_params are not."""
+    import json
+    import shutil
+
+    import transformers
+
+    src, _ = make_checkpoint(**LIVELY)
+    d = tmp_path / "old"
+    shutil.copytree(src, d)
+    (d / "generation_config.json").unlink()
+    config = json.loads((d / "config.json").read_text())
+    config.update(do_sample=True, top_k=7, max_length=11, task_specific_params={"text-generation": {"max_length": 50}})
+    (d / "config.json").write_text(json.dumps(config))
+    model = GPT2.from_pretrained(d)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    assert model.generation_config.top_k == 7 and model.generation_config.max_length == 11
+    assert model.generation_config.eos_token_id == 999
+    assert_same(*both(model, hf, prompts(2, 4, seed=34), seed=5))
+
+
+def test_edited_generation_config_is_saved_and_read_back(lively: Any, tmp_path: Path) -> None:
+    import json
+
+    import transformers
+
+    model, _ = lively
+    model = GPT2.from_pretrained(model.name_or_path)
+    model.generation_config.do_sample = True
+    model.generation_config.min_p = 0.05
+    model.generation_config.bad_words_ids = [[3, 4]]
+    model.generation_config.sequence_bias = {(5,): -2.0}
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert saved["do_sample"] is True and saved["min_p"] == 0.05 and saved["sequence_bias"] == [[[5], -2.0]]
+    back = GPT2.from_pretrained(tmp_path / "out")
+    assert back.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert hf.generation_config.do_sample is True and hf.generation_config.min_p == 0.05
+    assert_same(*both(back, hf, prompts(2, 4, seed=35), seed=9, max_new_tokens=8))
+    # A value generate would refuse is not saved (before any file is written).
+    back.generation_config.top_k = -1
+    with pytest.raises(ValueError, match="top_k"):
+        back.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_generation_config_rejects_unknown_and_unsupported(lively: Any) -> None:
+    model, _ = lively
+    ids = prompts(1, 4)
+    with pytest.raises(ValueError, match="top_kk"):
+        model.generate(ids, max_new_tokens=2, top_kk=3)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.generate(ids, max_new_tokens=2, guidance_scale=1.5)
+    assert model.generate(ids, max_new_tokens=2, use_cache=False, guidance_scale=1.0).shape == (1, 6)  # no-ops
+
+
+@pytest.mark.parametrize("strategy", [dict(), dict(do_sample=True), dict(num_beams=3, num_return_sequences=2),
+                                      dict(num_beams=2, do_sample=True)], ids=["greedy", "sampling", "beams", "beam-sampling"])
+def test_everything_at_once_on_a_left_padded_batch(lively: Any, strategy: dict[str, Any]) -> None:
+    """Every processor and warper together, mixed with the existing ones, padding included."""
+    model, hf = lively
+    ids, mask, _ = left_padded()
+    free = greedy_path(model, ids, 6)
+    kw = dict(
+        max_new_tokens=10, eos_token_id=free[2][3], min_length=9, repetition_penalty=1.2, no_repeat_ngram_size=3,
+        bad_words_ids=[[free[0][1]], [free[1][0], free[1][1]]], sequence_bias={(free[2][0],): -3.0, (7, 8): 2.0},
+        suppress_tokens=[free[0][4]], begin_suppress_tokens=[free[1][0]], exponential_decay_length_penalty=(4, 1.2),
+        encoder_repetition_penalty=1.1, temperature=0.9, top_k=200, top_p=0.95, min_p=0.01, typical_p=0.99,
+        epsilon_cutoff=1e-4, eta_cutoff=1e-4, renormalize_logits=True, **strategy,
+    )  # fmt: skip
+    assert_same(*both(model, hf, ids, mask, seed=13, **kw))
+
+
+def test_inputs_is_transformers_name_for_the_prompt(lively: Any) -> None:
+    model, _ = lively
+    ids = prompts(1, 5)
+    assert torch.equal(model.generate(inputs=ids, max_new_tokens=3), model.generate(ids, max_new_tokens=3))
+    with pytest.raises(ValueError, match="once"):
+        model.generate(ids, inputs=ids, max_new_tokens=3)
+
+
+def test_every_setting_accepts_an_explicit_none(tiny: Any) -> None:
+    """None means "not set" for every GenerationConfig field, as in transformers: no crash."""
+    model, _ = tiny
+    ids = prompts(2, 4)
+    for name in minigpt2.GenerationConfig.fields():
+        out = model.generate(ids, **{"max_new_tokens": 3, name: None})
+        assert out.shape[0] == 2 and out.shape[1] > 4, name
+    for name in ("max_new_tokens", "max_length"):
+        assert model.generate(ids, max_new_tokens=None, max_length=None).shape[1] <= 4 + 20, name
+
+
+def test_generation_config_from_pretrained(make_checkpoint: Any, tmp_path: Path) -> None:
+    d, hf = make_checkpoint(**LIVELY)
+    gc = minigpt2.GenerationConfig.from_pretrained(d)
+    assert gc == GPT2.from_pretrained(d).generation_config and gc.eos_token_id == hf.generation_config.eos_token_id
+    with pytest.raises(FileNotFoundError, match="generation_config.json"):
+        minigpt2.GenerationConfig.from_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json"):
+        minigpt2.GenerationConfig.from_pretrained(tmp_path)
+
+
+def test_generation_config_from_a_hub_repo(make_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the Hub, generation_config.json is fetched beside config.json (a stand-in for
+    huggingface_hub serves a local snapshot); a repo without one derives it from config.json."""
+    import json
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    src, _ = make_checkpoint(**LIVELY)
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(src, snapshot)
+    data = json.loads((snapshot / "generation_config.json").read_text())
+    (snapshot / "generation_config.json").write_text(json.dumps({**data, "do_sample": True, "top_k": 3}))
+    asked: list[str] = []
+
+    def fake_download(repo_id: str, filename: str, **kw: Any) -> str:
+        asked.append(filename)
+        if not (snapshot / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the decision to go online is not what is tested here
+    model = GPT2.from_pretrained("someone/ft")
+    assert "generation_config.json" in asked and model.generation_config.top_k == 3
+    assert minigpt2.GenerationConfig.from_pretrained("someone/ft").do_sample is True
+    (snapshot / "generation_config.json").unlink()
+    assert GPT2.from_pretrained("someone/ft").generation_config.eos_token_id == 999  # derived from config.json

@@ -64,7 +64,7 @@ def test_safetensors(tiny):
     path, hf = tiny
     model = GPT2.from_pretrained(path, device="cpu")
     assert_matches(model, hf)
-    assert model.generation_config.get("eos_token_id") == hf.config.eos_token_id
+    assert model.generation_config.eos_token_id == hf.generation_config.eos_token_id == hf.config.eos_token_id
     assert model.name_or_path == os.fspath(path)
     # Exact: every parameter equals transformers' bit for bit.
     ref = hf.state_dict()
@@ -559,3 +559,26 @@ def test_save_into_a_file_path(tiny, tmp_path):
 def test_resolve_checkpoint_local(tiny):
     config, files = resolve_checkpoint(tiny[0])
     assert config == tiny[0] / "config.json" and files == [tiny[0] / "model.safetensors"]
+
+
+def test_one_home_for_the_hub():
+    """loading.py and tokenizer.py ask minigpt2.hub for files; neither imports the other's Hub code,
+    and no module but hub.py calls huggingface_hub's downloader."""
+    import ast
+
+    package = REPO_ROOT / "minigpt2"
+    imports: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.lstrip("."))
+                names.update(f"{node.module.lstrip('.')}.{a.name}" for a in node.names)
+        imports[str(path.relative_to(package))] = names
+    tokenizer_files = [f for f in imports if f.startswith("tokenizer/")]
+    assert tokenizer_files
+    for f in tokenizer_files:
+        assert not any(n.startswith(("loading", ".loading")) for n in imports[f]), (f, imports[f])
+    downloaders = sorted(f for f, names in imports.items() if any("hf_hub_download" in n for n in names))
+    assert downloaders == ["hub.py"], downloaders

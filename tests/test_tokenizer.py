@@ -152,9 +152,9 @@ class _ReferenceBPE:
             word = tuple(merged)
         return word
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
         ids: list[int] = []
-        for k, segment in enumerate(text.split(EOT)):
+        for k, segment in enumerate(text.split(EOT) if special else [text]):
             if k:
                 ids.append(self.vocab[EOT])
             for piece in self.pattern.findall(segment):
@@ -183,7 +183,7 @@ def test_known_anchors(tok: Tokenizer) -> None:
 def test_byte_alphabet_matches_transformers() -> None:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from minigpt2.tokenizer import _byte_to_unicode_table
+    from minigpt2.tokenizer.bytelevel import bytes_to_unicode as _byte_to_unicode_table
 
     assert dict(enumerate(_byte_to_unicode_table())) == bytes_to_unicode()
 
@@ -194,7 +194,7 @@ def test_construction_is_cached() -> None:
     for _ in range(100):
         Tokenizer()
     assert time.perf_counter() - start < 0.5
-    assert Tokenizer()._core is Tokenizer.from_pretrained(None)._core
+    assert Tokenizer()._spec is Tokenizer.from_pretrained(None)._spec
 
 
 # -- parity ----------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_every_vocab_token_string_matches_transformers(tok: Tokenizer) -> None:
     # between tiktoken (ranks of concatenations) and pair-ranked BPE.  Tokens
     # are joined into documents (one token text per line) to keep this fast.
     transformers = pytest.importorskip("transformers")
-    from minigpt2.tokenizer import _token_to_bytes
+    from minigpt2.tokenizer.bytelevel import token_to_bytes as _token_to_bytes
 
     hf = transformers.GPT2TokenizerFast(str(VOCAB), str(MERGES))
     texts = []
@@ -256,6 +256,117 @@ def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
 def test_encode_rejects_non_strings(tok: Tokenizer) -> None:
     with pytest.raises(TypeError):
         tok.encode(b"bytes")  # type: ignore[arg-type]
+
+
+# -- long runs of one character class ----------------------------------------------------------
+def test_whitespace_class_is_the_regex_whitespace() -> None:
+    """The long-run cut is exact only if WHITESPACE is exactly what ``\\s`` matches in tiktoken's
+    regex: probe it with a pattern that keeps only ``\\s`` matches, over every code point."""
+    import tiktoken
+
+    from minigpt2.tokenizer.bytelevel import WHITESPACE
+
+    probe = tiktoken.Encoding(
+        "ws-probe", pat_str=r"\s", mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={}
+    )
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    matched = probe.decode_bytes(probe.encode_ordinary(every)).decode("utf-8")
+    assert matched == "".join(sorted(WHITESPACE))
+    assert all(c.isspace() for c in WHITESPACE)  # the cheap pre-check for long runs relies on it
+
+
+def test_whitespace_runs_around_the_cut_match_transformers(tok: Tokenizer) -> None:
+    """Runs just under, at and over the length where minigpt2 stops handing them to tiktoken's
+    regex, of every whitespace kind, in every position a run can take."""
+    transformers = pytest.importorskip("transformers")
+    from minigpt2.tokenizer.bytelevel import LONG_RUN, WHITESPACE
+
+    hf = transformers.GPT2TokenizerFast(str(VOCAB), str(MERGES))
+    texts = []
+    for c in WHITESPACE:
+        for n in (LONG_RUN - 1, LONG_RUN, LONG_RUN + 1, 3 * LONG_RUN + 7):
+            run = c * n
+            texts += [run, f"a{run}b", f"{run} x", f"x{run}", f" {run}\n{run}é", f"{run}{EOT}{run}", f"'s{run}'s"]
+    texts.append(" \t\n\u3000" * LONG_RUN + "end")
+    ours = tok.encode_batch(texts)
+    theirs = hf(texts, add_special_tokens=False)["input_ids"]
+    mismatches = [repr(t[:3]) + f"..x{len(t)}" for t, a, b in zip(texts, ours, theirs) if a != b]
+    assert not mismatches, mismatches[:5]
+
+
+def test_the_issues_runs_encode_to_transformers_ids(tok: Tokenizer) -> None:
+    """Each used to raise a Rust PanicException (a BaseException) from tiktoken's regex; the ids
+    are transformers' (checked below against it for the other kinds of run)."""
+    assert tok.encode(" " * 999_999) == [220] * 999_999
+    assert tok.encode("\n" * 1_000_000) == [628] * 500_000
+    assert tok.encode("a" + " " * 1_000_000 + "b") == [64] + [220] * 999_999 + [275]
+
+
+def test_runs_of_a_million_match_transformers(tok: Tokenizer) -> None:
+    """One character class, 10^6 long: letters, digits, punctuation (single pieces tiktoken
+    merges with its heap, O(n log n)) and whitespace mixed from several kinds."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast(str(VOCAB), str(MERGES))
+    runs = {
+        "letters": "a" * 1_000_000,
+        "digits": "7" * 1_000_000,
+        "punctuation": "." * 1_000_000,
+        "mixed whitespace then a word": " \n\t\r\u3000\xa0\x0b\x0c\x85\u2028" * 100_000 + "word",
+    }
+    ours = tok.encode_batch(list(runs.values()), num_threads=2)
+    theirs = hf(list(runs.values()), add_special_tokens=False)["input_ids"]
+    for name, a, b in zip(runs, ours, theirs):
+        assert a == b, name
+
+
+def test_a_million_of_every_whitespace_kind_encodes(tok: Tokenizer) -> None:
+    """Every kind alone at 10^6 (the cut is exact at any length past LONG_RUN: the test above and
+    the one around the cut hold it against transformers)."""
+    from minigpt2.tokenizer.bytelevel import WHITESPACE
+
+    spell = tok._spec.bpe.encoding.decode_bytes  # tiktoken's own decoder (GPT-2's ranks are its ids)
+    texts = [f"x{c * 1_000_000}y" for c in WHITESPACE]
+    for text, ids in zip(texts, tok.encode_batch(texts, num_threads=2)):
+        assert spell(ids) == text.encode(), hex(ord(text[1]))
+        assert ids[-1] == tok.encode(text[-2:])[-1], hex(ord(text[1]))  # the run's last one starts "y"'s piece
+
+
+# -- special tokens in user text, add_prefix_space ------------------------------------------------
+def test_allowed_and_disallowed_special(tok: Tokenizer, ref_bpe: _ReferenceBPE) -> None:
+    text = f"user typed {EOT} here"
+    assert tok.encode(text) == tok.encode(text, allowed_special="all") == tok.encode(text, allowed_special={EOT})
+    assert 50256 in tok.encode(text)
+    plain = tok.encode(text, allowed_special=set())  # tiktoken's encode_ordinary: no special ids
+    assert 50256 not in plain and tok.decode(plain) == text
+    assert plain == ref_bpe.encode(text, special=False)
+    with pytest.raises(ValueError, match=r"<\|endoftext\|>.*disallowed_special"):
+        tok.encode(text, allowed_special=set(), disallowed_special="all")
+    with pytest.raises(ValueError, match="disallowed_special"):
+        tok.encode(text, disallowed_special={EOT})
+    assert tok.encode("no special", disallowed_special="all") == tok.encode("no special")
+    with pytest.raises(ValueError, match="not special tokens"):
+        tok.encode(text, allowed_special={"<|nope|>"})
+    with pytest.raises(ValueError, match="'all' or a set"):
+        tok.encode(text, allowed_special="<|endoftext|>")
+
+
+def test_special_tokens_as_plain_text_match_transformers_split_special_tokens(tok: Tokenizer) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(DATA))
+    texts = [t for t in CORPUS if EOT in t or "endoftext" in t]
+    assert len(texts) >= 5
+    for text in texts:
+        assert tok.encode(text, allowed_special=set()) == hf(text, split_special_tokens=True)["input_ids"], text
+
+
+def test_add_prefix_space_matches_transformers() -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(DATA), add_prefix_space=True)
+    ours = Tokenizer(add_prefix_space=True)
+    assert ours.add_prefix_space and not Tokenizer().add_prefix_space
+    assert ours.encode("Hello world") == [18435, 995] == Tokenizer().encode(" Hello world")
+    texts = [*CORPUS, f"a{EOT}b", f"{EOT} b", f"{EOT}\nb{EOT}"]
+    assert ours.encode_batch(texts) == [hf.encode(t, add_special_tokens=False) for t in texts]
 
 
 # -- decoding --------------------------------------------------------------
@@ -331,11 +442,13 @@ def test_non_integer_ids_raise_type_error(tok: Tokenizer) -> None:
 
 
 # -- loading -------------------------------------------------------------------
-def test_directory_without_files_falls_back(tmp_path: Path, tok: Tokenizer) -> None:
+def test_directory_without_files_falls_back_with_a_warning(tmp_path: Path, tok: Tokenizer) -> None:
     (tmp_path / "config.json").write_text("{}")
-    loaded = Tokenizer.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"no tokenizer files.*GPT-2's tokenizer"):
+        loaded = Tokenizer.from_pretrained(tmp_path)
     assert loaded.encode(CORPUS[6]) == tok.encode(CORPUS[6])
-    assert Tokenizer.from_pretrained(str(tmp_path)).n_vocab == 50257
+    with pytest.warns(UserWarning, match=str(tmp_path)):
+        assert Tokenizer.from_pretrained(str(tmp_path)).n_vocab == 50257
 
 
 @pytest.mark.parametrize(
@@ -359,12 +472,15 @@ def test_file_path_and_missing_pathlike_raise(tmp_path: Path) -> None:
         Tokenizer(VOCAB, None)
 
 
-def test_hub_id_falls_back_quickly_offline(monkeypatch: pytest.MonkeyPatch, tok) -> None:
+def test_hub_ids_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPT-2's own repos need no download; any other repo that is not in the cache is an error
+    # naming it (not GPT-2's tokenizer in its place), and comes at once, without retries.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    for name in ["minigpt2-tests/no-such-model", "gpt2", "openai-community/gpt2"]:
-        loaded = Tokenizer.from_pretrained(name)
-        assert loaded.encode("Hello world") == [15496, 995]
+    for name in ["gpt2", "openai-community/gpt2", "distilgpt2"]:
+        assert Tokenizer.from_pretrained(name).encode("Hello world") == [15496, 995]
+    with pytest.raises(ValueError, match="minigpt2-tests/no-such-model"):
+        Tokenizer.from_pretrained("minigpt2-tests/no-such-model")
     assert time.perf_counter() - start < 10
 
 
@@ -381,7 +497,7 @@ def test_save_pretrained_round_trip(tmp_path: Path, tok: Tokenizer) -> None:
     out = tmp_path / "saved"
     tok.save_pretrained(out)
     names = sorted(os.listdir(out))
-    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer"
     assert config["model_max_length"] == 1024

@@ -132,6 +132,51 @@ def test_default_labels_skip_padding_and_sum_reduction(make_checkpoint: Any) -> 
         ours.loss(ids, reduction="none")
 
 
+def test_left_padding_is_not_counted(gpt2_tiny_vocab_checkpoint: Any) -> None:
+    """Labels derived from the mask count a target only when the position predicting it is real,
+    so a left-padded row loses exactly what it loses alone (the issue's smallest input first)."""
+    path, hf = gpt2_tiny_vocab_checkpoint
+    model = GPT2.from_pretrained(path)
+    with torch.no_grad():
+        padded = model.loss(torch.tensor([[50256, 15496, 11]]), attention_mask=torch.tensor([[0, 1, 1]]), reduction="sum")
+        alone = model.loss(torch.tensor([[15496, 11]]), reduction="sum")
+        assert torch.allclose(padded, alone, rtol=1e-5, atol=0)  # one target (11), not two
+        # A batch of rows of several lengths, left-padded: the sum is the rows' sums alone, and
+        # the mean divides by the targets the rows have alone.
+        g = torch.Generator().manual_seed(0)
+        rows = [torch.randint(0, 50257, (n,), generator=g) for n in (9, 4, 1, 6)]
+        T = max(len(r) for r in rows)
+        ids = torch.stack([torch.cat([torch.full((T - len(r),), 50256), r]) for r in rows])
+        mask = torch.stack([torch.cat([torch.zeros(T - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
+        sums = [model.loss(r[None], reduction="sum") for r in rows if len(r) > 1]
+        assert torch.allclose(model.loss(ids, attention_mask=mask, reduction="sum"), sum(sums), rtol=1e-5, atol=0)
+        targets = sum(len(r) - 1 for r in rows)
+        assert torch.allclose(model.loss(ids, attention_mask=mask), sum(sums) / targets, rtol=1e-5, atol=0)
+        # The same labels passed explicitly give the same loss, and so does transformers on them
+        # (every counted target is predicted from a real position, whose logits both define alike).
+        counted = mask.bool() & torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1).bool()
+        labels = ids.masked_fill(~counted, -100)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = hf(ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
+        assert torch.allclose(model.loss(ids, attention_mask=mask, labels=labels), ref, rtol=1e-5, atol=0)
+
+
+def test_explicit_labels_count_every_label(gpt2_tiny_vocab_checkpoint: Any) -> None:
+    """Explicit labels keep transformers' semantics: every label that is not -100 is a target,
+    also the first real token of a left-padded row, predicted from the padding before it."""
+    path, _ = gpt2_tiny_vocab_checkpoint
+    model = GPT2.from_pretrained(path)
+    ids = torch.tensor([[50256, 50256, 15496, 11, 995]])
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    labels = ids.masked_fill(mask == 0, -100)  # transformers' usual recipe
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+        expected = torch.nn.functional.cross_entropy(logits[0, 1:4], labels[0, 2:5], reduction="sum")
+        assert torch.allclose(model.loss(ids, attention_mask=mask, labels=labels, reduction="sum"), expected, rtol=1e-5)
+        derived = model.loss(ids, attention_mask=mask, reduction="sum")
+        assert torch.allclose(derived, torch.nn.functional.cross_entropy(logits[0, 2:4], labels[0, 3:5], reduction="sum"), rtol=1e-5)
+
+
 def test_dropout_acts_in_train_mode_only(make_checkpoint: Any) -> None:
     path, _ = make_checkpoint(seed=3, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
     model = GPT2.from_pretrained(path)

@@ -3,7 +3,7 @@
 Each command lives in its own module of this package and contributes a ``register(sub)``
 function that adds its subparser(s) and sets ``func``. Errors are one line on stderr,
 ``minigpt2: error: ...``: exit 2 for usage errors (argparse's own convention), 1 for the
-rest; never a traceback.
+rest; never a traceback. Warnings are one line too (``minigpt2: warning: ...``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 # The command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("generate", "inspect", "train", "serve")
+COMMAND_MODULES = ("generate", "inspect", "train", "parity", "explore", "serve")
 
 DEFAULT_MODEL = "gpt2"
 
@@ -70,12 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings (a checkpoint without tokenizer files, ...) as one line, like errors."""
+    print(f"minigpt2: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn every error into one line and an exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores showwarning on the way out
+            warnings.showwarning = _show_warning
+            args = parser.parse_args(argv)
+            return int(args.func(args) or 0)
     except BrokenPipeError:  # `minigpt2 generate ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
