@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from minigpt2 import GPT2, Tokenizer
+from minigpt2 import GPT2, Tokenizer, sampling
 from minigpt2.serve import (
     Engine, EngineClosed, ErrorOutput, PromptOutput, QueueFull, RequestError, SamplingParams, TokenOutput,
 )  # fmt: skip
@@ -83,7 +83,7 @@ def reference(model: GPT2, prompt: list[int], p: dict[str, Any], seed_offset: in
     if p.get("temperature", 1.0) > 0:
         gen = torch.Generator().manual_seed(p["seed"] + seed_offset)
         kw.update(do_sample=True, temperature=p.get("temperature", 1.0), top_k=p.get("top_k", 0),
-                  top_p=p.get("top_p", 1.0), generator=gen)  # fmt: skip
+                  top_p=p.get("top_p", 1.0), min_p=p.get("min_p"), generator=gen)  # fmt: skip
     out = model.generate(torch.tensor([prompt]), **kw)
     return out[0, len(prompt) :].tolist()
 
@@ -100,6 +100,7 @@ def test_concurrent_requests_each_equal_generate_alone(model: GPT2, engine: Engi
         dict(max_tokens=16, temperature=0.0, repetition_penalty=1.3),
         dict(max_tokens=9, temperature=1.0, seed=3, min_tokens=5, repetition_penalty=0.8),
         dict(max_tokens=25, temperature=0.0, ignore_eos=True),
+        dict(max_tokens=10, temperature=1.5, seed=4, min_p=0.05, top_k=100),
     ] * 2
     jobs = []
     for i, p in enumerate(settings):
@@ -238,8 +239,7 @@ def test_logit_bias_min_tokens_and_ignore_eos(engine: Engine) -> None:
     assert got.tokens() == [777] * 4
 
 
-def test_openai_penalties_and_min_p() -> None:
-    transformers = pytest.importorskip("transformers")
+def test_openai_penalties() -> None:
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(1, 50, generator=g)
     counts = torch.zeros(50)
@@ -251,9 +251,19 @@ def test_openai_penalties_and_min_p() -> None:
     assert torch.equal(got, want)
     biased = processors.logit_bias(scores, torch.tensor([1, 4]), torch.tensor([10.0, -3.0]))
     assert biased[0, 1] == scores[0, 1] + 10 and biased[0, 4] == scores[0, 4] - 3 and biased[0, 0] == scores[0, 0]
-    for p in (0.05, 0.3, 1.0):
-        warper = transformers.MinPLogitsWarper(min_p=p)
-        assert torch.equal(processors.min_p(scores, p), warper(None, scores.clone()))
+    # the library's one-token sequence bias is the same sum
+    assert torch.equal(biased, sampling.sequence_bias(torch.zeros(1, 0, dtype=torch.long), scores, [((1,), 10.0), ((4,), -3.0)]))
+
+
+def test_the_processors_are_the_library_s() -> None:
+    """Every field generate also has goes to sampling.Processors under generate's name."""
+    before, warpers = processors.library_processors(
+        SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1, repetition_penalty=1.2, min_tokens=3)
+    )
+    assert before == sampling.Processors(repetition_penalty=1.2, min_new_tokens=3)
+    assert warpers == sampling.Processors(do_sample=True, temperature=0.7, top_k=5, top_p=0.8, min_p=0.1)
+    assert processors.library_processors(SamplingParams(temperature=0.0))[1] is None
+    assert processors.library_processors(SamplingParams(min_p=0.0))[1].min_p is None  # 0 is off
 
 
 def test_sampling_params_name_the_bad_field() -> None:

@@ -330,9 +330,9 @@ class Engine:
         if not p.greedy:
             seed = secrets.randbits(63) if p.seed is None else p.seed + seq.index % seq.request.best_of
             seq.generator = torch.Generator(device=dev).manual_seed(seed)
-        if p.repetition_penalty != 1.0:
-            seq.ids = torch.empty(1, T + p.max_tokens, dtype=torch.long, device=dev)
-            seq.ids[0, :T] = torch.tensor(seq.prompt_ids)
+        seq.processors, seq.warpers = processors.library_processors(p)
+        seq.ids = torch.empty(1, T + p.max_tokens, dtype=torch.long, device=dev)
+        seq.ids[0, :T] = torch.tensor(seq.prompt_ids)
         if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
             seq.counts = torch.zeros(self.config.vocab_size, device=dev)
         if p.logit_bias:

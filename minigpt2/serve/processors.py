@@ -2,18 +2,18 @@
 
 The model gives fp32 logits [n, V] for the n running sequences; every row is then processed
 alone ([1, V]), so a sequence's token never depends on the settings of its neighbours. The
-processors are ``minigpt2.sampling``'s functions, called in ``generate``'s order with
-``generate``'s arguments, so the same logits give the same token (and the same RNG draw) as
-``model.generate`` of that prompt alone. The OpenAI / vLLM extras that ``generate`` lacks
-slot in between:
+processors are ``minigpt2.sampling``'s own: ``sampling.process`` with a ``sampling.Processors``
+built from the request, in ``generate``'s order with ``generate``'s arguments, so the same
+logits give the same token (and the same RNG draw) as ``model.generate`` of that prompt
+alone. The two OpenAI-only ones that ``generate`` lacks run here, where vLLM runs them
+(logit bias before the penalties, the additive penalties after the multiplicative one):
 
+    logit_bias                              here (OpenAI's, an add on each named token)
     repetition_penalty                      sampling.repetition_penalty (prompt + output)
+    min_tokens (EOS banned)                 sampling's min_new_tokens (ban_eos)
     presence_penalty, frequency_penalty     here (output tokens only, OpenAI's definition)
-    logit_bias                              here
-    min_tokens (EOS banned)                 sampling.ban_eos
     -- temperature 0: argmax (sampling.greedy); otherwise:
-    temperature -> top_k -> top_p           sampling.temperature / top_k / top_p
-    min_p                                   here, after top_p as transformers orders it
+    temperature -> top_k -> top_p -> min_p  sampling.temperature / top_k / top_p / min_p
     draw                                    sampling.sample with the sequence's generator
 
 Log-probs are those of the model's raw distribution, log_softmax of the fp32 logits before
@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import sampling
-from .sequence import Sequence
-
-NEG_INF = float("-inf")
+from .sequence import SamplingParams, Sequence
 
 
 def presence_frequency_penalty(
@@ -44,19 +42,26 @@ def presence_frequency_penalty(
 
 
 def logit_bias(scores: torch.Tensor, token_ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Add ``bias`` [k] to the scores [1, V] of ``token_ids`` [k] (OpenAI's ``logit_bias``)."""
+    """Add ``bias`` [k] to the scores [1, V] of ``token_ids`` [k] (OpenAI's ``logit_bias``).
+
+    ``sampling.sequence_bias`` with one-token sequences computes the same sum, one tensor
+    operation per entry; a request may bias hundreds of tokens, so here it is one index_add.
+    """
     return scores.index_add(-1, token_ids, bias[None])
 
 
-def min_p(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """Min-p sampling (Nguyen et al., 2024; transformers' MinPLogitsWarper): drop the tokens
-    whose probability is below ``p`` times the most likely token's. The top token always stays.
+def library_processors(p: SamplingParams) -> tuple[sampling.Processors, sampling.Processors | None]:
+    """The request's ``sampling.Processors``: (logits processors, warpers or None when greedy).
 
-    (Issue 14 adds ``sampling.min_p``; this one gives way to it once it lands.)
+    Two sets because OpenAI's additive penalties run between them (see the module doc).
     """
-    probs = torch.softmax(scores, dim=-1)
-    threshold = p * probs.max(dim=-1, keepdim=True).values
-    return scores.masked_fill(probs < threshold, NEG_INF)
+    before = sampling.Processors(repetition_penalty=p.repetition_penalty, min_new_tokens=p.min_tokens)
+    if p.greedy:
+        return before, None
+    warpers = sampling.Processors(
+        do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p or None
+    )
+    return before, warpers
 
 
 @dataclass
@@ -72,24 +77,14 @@ def process(seq: Sequence, scores: torch.Tensor, eos_ids: torch.Tensor | None) -
     """Every processor ``seq.params`` turns on, in the order above, on its fp32 row [1, V]."""
     p = seq.params
     n_new = len(seq.output_ids)
-    if p.repetition_penalty != 1.0:
-        scores = sampling.repetition_penalty(seq.ids[:, : seq.num_tokens], scores, p.repetition_penalty)
-    if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-        scores = presence_frequency_penalty(scores, seq.counts, p.presence_penalty, p.frequency_penalty)
+    ids = seq.ids[:, : seq.num_tokens]  # [1, L] prompt + output so far
     if seq.bias is not None:
         scores = logit_bias(scores, *seq.bias)
-    if p.min_tokens > n_new and eos_ids is not None:
-        scores = sampling.ban_eos(scores, eos_ids)
-    if p.greedy:
-        return scores
-    if p.temperature != 1.0:
-        scores = sampling.temperature(scores, p.temperature)
-    if p.top_k != 0:
-        scores = sampling.top_k(scores, p.top_k)
-    if p.top_p < 1.0:
-        scores = sampling.top_p(scores, p.top_p)
-    if p.min_p > 0.0:
-        scores = min_p(scores, p.min_p)
+    scores = sampling.process(seq.processors, ids, scores, n_new=n_new, eos_ids=eos_ids)
+    if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+        scores = presence_frequency_penalty(scores, seq.counts, p.presence_penalty, p.frequency_penalty)
+    if seq.warpers is not None:
+        scores = sampling.process(seq.warpers, ids, scores, n_new=n_new, eos_ids=eos_ids)
     return scores
 
 
@@ -111,7 +106,6 @@ def pick(seq: Sequence, logits: torch.Tensor, eos_ids: torch.Tensor | None) -> P
 
 def record(seq: Sequence, token: int) -> None:
     """Append ``token`` to the state the penalties read (the ids row, the output counts)."""
-    if seq.ids is not None:
-        seq.ids[0, seq.num_tokens] = token  # num_tokens still excludes it
+    seq.ids[0, seq.num_tokens] = token  # num_tokens still excludes it
     if seq.counts is not None:
         seq.counts[token] += 1

@@ -142,7 +142,9 @@ class Sequence:
         self.cumulative_logprob = 0.0  # sum of the chosen tokens' log-probs (best_of ranks by it)
         # Made by the engine when the sequence is admitted (they live on the model's device).
         self.generator: torch.Generator | None = None
-        self.ids: torch.Tensor | None = None  # [1, prompt + max_tokens] for the repetition penalty
+        self.ids: torch.Tensor | None = None  # [1, prompt + max_tokens]: the ids the processors read
+        self.processors: Any = None  # sampling.Processors before OpenAI's additive penalties
+        self.warpers: Any = None  # sampling.Processors after them (None: greedy)
         self.counts: torch.Tensor | None = None  # [V] output-token counts for presence / frequency
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids [k], values [k])
         self.detokenizer: Any = None
