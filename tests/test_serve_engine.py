@@ -275,13 +275,13 @@ def test_sampling_params_name_the_bad_field() -> None:
 
 
 # --------------------------------------------------------------------------- detokenizer
-def test_text_offsets_follow_tiktoken(tok: Tokenizer) -> None:
+def test_text_offsets_are_the_tokenizer_s(tok: Tokenizer) -> None:
     text = "naïve café — 😀 über 日本語 end"
     ids = tok.encode(text)
     pieces = [tok.decode_bytes([t]) for t in ids]
-    _, want = tok._core.encoding.decode_with_offsets(ids)  # tiktoken's own rule
-    assert detokenizer.text_offsets(pieces) == want
+    _, want = tok.decode_with_offsets(ids)
     strings = detokenizer.TokenStrings(tok)
+    assert strings.prompt(ids) == (text, [strings.string(t) for t in ids], want)
     d = detokenizer.Detokenizer(strings)
     released, offsets = [], []
     for t in ids:
@@ -292,6 +292,24 @@ def test_text_offsets_follow_tiktoken(tok: Tokenizer) -> None:
     assert "".join(released) == text and offsets == want
     partial = [t for t, p in zip(ids, pieces) if not _valid_utf8(p)]
     assert partial and all(strings.string(t).startswith("bytes:\\x") for t in partial)
+
+
+def test_streamed_offsets_equal_the_whole_text_s_on_broken_utf8(tok: Tokenizer) -> None:
+    """Random ids, many of them single bytes that do not make whole characters: each token's
+    offset, given as it arrives, is decode_with_offsets' of the whole completion, after a prompt."""
+    g = torch.Generator().manual_seed(0)
+    strings = detokenizer.TokenStrings(tok)
+    for _ in range(20):
+        ids = torch.randint(0, 256, (40,), generator=g).tolist() + torch.randint(0, 50000, (10,), generator=g).tolist()
+        ids = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+        text, want = tok.decode_with_offsets(ids)
+        d = detokenizer.Detokenizer(strings, offset_start=7)
+        got = [d.add(t) for t in ids]
+        assert got == [7 + o for o in want]
+        assert d.release(final=True) == text and d.chars == 7 + len(text)
+    d = detokenizer.Detokenizer(strings, eos_ids=[tok.eos_token_id])  # EOS: no text, the offset of what follows
+    a, b = tok.encode("é")[0], tok.encode("x")[0]
+    assert [d.add(t) for t in (a, tok.eos_token_id, b)] == [0, 1, 1]
 
 
 def _valid_utf8(data: bytes) -> bool:

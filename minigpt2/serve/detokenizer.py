@@ -12,9 +12,10 @@ Three jobs, per sequence, on the engine thread:
   ``bytes:\\xe2\\x80`` for bytes that are not whole UTF-8 characters) and its ``text_offset``,
   the character where it starts in the choice's text.
 
-``text_offsets`` follows tiktoken's ``decode_with_offsets`` rule (a token that starts inside
-a character points at that character). The tokenizer's own ``decode_with_offsets`` (issue 13)
-can replace it without changing a number.
+The offsets are the tokenizer's own ``Tokenizer.decode_with_offsets`` (tiktoken's rule: a
+token that starts inside a character points at that character). While streaming, each new
+token's offset comes from that call on the few tokens since the text last ended on a whole
+character (UTF-8 decoding starts afresh there), so it equals the call on the whole text.
 """
 
 from __future__ import annotations
@@ -23,24 +24,6 @@ import codecs
 from collections.abc import Iterable, Sequence
 
 from ..tokenizer import Tokenizer
-
-
-def _is_continuation(byte: int) -> bool:
-    return 0x80 <= byte < 0xC0  # 10xxxxxx: inside a multi-byte UTF-8 character
-
-
-def _chars(data: bytes) -> int:
-    """Characters that start in ``data`` (every byte that is not a continuation byte)."""
-    return sum(1 for b in data if not _is_continuation(b))
-
-
-def text_offsets(pieces: Iterable[bytes], start: int = 0) -> list[int]:
-    """The character offset at which each token's bytes start, counting from ``start``."""
-    offsets, chars = [], start
-    for data in pieces:
-        offsets.append(max(start, chars - (1 if data and _is_continuation(data[0]) else 0)))
-        chars += _chars(data)
-    return offsets
 
 
 class TokenStrings:
@@ -67,11 +50,25 @@ class TokenStrings:
             self._strings[token] = s
         return s
 
+    def with_offsets(self, ids: Sequence[int]) -> tuple[str, list[int]]:
+        """``Tokenizer.decode_with_offsets`` of ``ids``, where an id without bytes (one the
+        tokenizer lacks) adds no text and gets the offset of what follows it."""
+        known = [t for t in ids if self.bytes(t)]
+        text, known_offsets = self.tokenizer.decode_with_offsets(known)
+        offsets, it = [], iter(known_offsets)
+        for t in ids:
+            offsets.append(next(it) if self.bytes(t) else None)
+        following = len(text)
+        for i in range(len(offsets) - 1, -1, -1):
+            if offsets[i] is None:
+                offsets[i] = following
+            following = offsets[i]
+        return text, offsets
+
     def prompt(self, ids: Sequence[int]) -> tuple[str, list[str], list[int]]:
         """(text, token strings, text offsets) of a prompt shown by ``echo``."""
-        pieces = [self.bytes(t) for t in ids]
-        text = b"".join(pieces).decode("utf-8", errors="replace")
-        return text, [self.string(t) for t in ids], text_offsets(pieces)
+        text, offsets = self.with_offsets(ids)
+        return text, [self.string(t) for t in ids], offsets
 
 
 class Detokenizer:
@@ -90,16 +87,18 @@ class Detokenizer:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # the completion's text so far (cut at a stop string once one is found)
         self.sent = 0  # characters of it already released
-        self.start = offset_start
-        self.chars = offset_start  # characters started so far, for text_offset
+        # text_offset: characters before the tokens whose bytes may still end inside a
+        # character (``pending``), which a second decoder (fed even after a stop) tracks.
+        self.base = offset_start
+        self.pending: list[int] = []
+        self.offset_utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stopped = False
 
     def add(self, token: int, check_stop: bool = True) -> int:
         """Take the next token; return its text offset. Sets ``stopped`` on a stop string
         that ends in this token's text (``check_stop=False``: none yet, vLLM's min_tokens)."""
         data = b"" if token in self.eos_ids else self.strings.bytes(token)
-        offset = max(self.start, self.chars - (1 if data and _is_continuation(data[0]) else 0))
-        self.chars += _chars(data)
+        offset = self._offset(token, data)
         if self.stopped:
             return offset
         before = len(self.text)
@@ -112,6 +111,25 @@ class Detokenizer:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
         return offset
+
+    @property
+    def chars(self) -> int:
+        """Characters in the choice's text so far (a cut-off character counted as its U+FFFD),
+        which is the text_offset of anything that follows."""
+        return self.base + len(self.strings.tokenizer.decode(self.pending)) if self.pending else self.base
+
+    def _offset(self, token: int, data: bytes) -> int:
+        if not data:  # EOS or an id the tokenizer lacks: no text, the offset of what follows
+            return self.chars
+        base, window = self.base, [*self.pending, token]
+        text, offsets = self.strings.tokenizer.decode_with_offsets(window)
+        self.offset_utf8.decode(data)
+        if self.offset_utf8.getstate()[0]:  # bytes of an unfinished character wait
+            self.pending = window
+        else:  # a whole-character boundary: what follows decodes independently of the window
+            self.base += len(text)
+            self.pending = []
+        return base + offsets[-1]
 
     def release(self, final: bool = False) -> str:
         """The text that is now certain and not yet released (all of it when ``final``)."""
