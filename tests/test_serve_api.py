@@ -352,8 +352,7 @@ def test_explorer_hook_adds_its_routes(engine: Engine, monkeypatch: pytest.Monke
 
     from minigpt2.cli.serve import explorer_routes
 
-    assert explorer_routes(engine) == [] or "minigpt2.explore" in sys.modules
-    fake = types.ModuleType("minigpt2.explore")
+    fake = types.ModuleType("minigpt2.explore.routes")
     seen = []
 
     def routes(e: Engine) -> list:
@@ -361,13 +360,15 @@ def test_explorer_hook_adds_its_routes(engine: Engine, monkeypatch: pytest.Monke
         return [Route("/explore/ping", lambda request: PlainTextResponse("pong"))]
 
     fake.routes = routes  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "minigpt2.explore", fake)
+    monkeypatch.setitem(sys.modules, "minigpt2.explore.routes", fake)
     extra = explorer_routes(engine)
     assert seen == [engine]
     with ServerThread(create_app(engine, model_name="tiny", api_key="k", extra_routes=extra)) as s:
         status, _, body = http("GET", f"{s.url}/explore/ping")
         assert status == 200 and body == b"pong"
         assert http("GET", f"{s.url}/v1/models")[0] == 401  # the API keeps its key
+    monkeypatch.setitem(sys.modules, "minigpt2.explore.routes", None)  # as if the package were absent
+    assert explorer_routes(engine) == []
 
 
 # --------------------------------------------------------------------------- the command

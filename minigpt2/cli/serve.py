@@ -53,11 +53,12 @@ def register(sub: Any) -> None:
 
 
 def explorer_routes(engine: Any) -> list:
-    """The explorer page's routes (``minigpt2.explore``, when the package is installed)."""
+    """The explorer page's routes (``minigpt2.explore``, when the package is installed), on
+    this server's engine: its model calls run on the engine thread between two steps."""
     try:
-        from ..explore import routes
+        from ..explore.routes import routes
     except ModuleNotFoundError as e:
-        if e.name == "minigpt2.explore":  # not installed: no page
+        if e.name in ("minigpt2.explore", "minigpt2.explore.routes"):  # not installed: no page
             return []
         print(f"minigpt2 serve: warning: the explorer page is off ({e})", file=sys.stderr)
         return []
@@ -94,12 +95,13 @@ def run_serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     name = args.served_model_name or args.model
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    batch_invariant=args.batch_invariant)
+                    batch_invariant=args.batch_invariant, name=name)
     print(f"minigpt2 serve: warming up {name} ({engine.runner.max_batch_size} slots, "
           f"KV cache up to {engine.runner.memory_bytes / 2**30:.2f} GiB)", flush=True)  # fmt: skip
     engine.start()
+    explorer = explorer_routes(engine)
     app = create_app(engine, model_name=name, api_key=args.api_key, cors_origin=args.cors_origin,
-                     extra_routes=explorer_routes(engine))  # fmt: skip
+                     extra_routes=explorer)  # fmt: skip
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -110,6 +112,9 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"minigpt2 serve: {name} at http://{shown}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    if explorer:  # the key travels in the URL fragment, which the browser never sends
+        key = "#key=YOUR_KEY" if args.api_key else ""
+        print(f"minigpt2 serve: the explorer page at http://{shown}:{port}/explore{key}", flush=True)
     try:
         Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down

@@ -11,7 +11,7 @@ the engine, and turns the engine's outputs into OpenAI's JSON, whole or as a str
     POST /v1/completions    completions, streamed with "stream": true
 
 Every error is OpenAI's error body with the right status: 400 bad field, invalid JSON or
-too long a prompt, 401 missing or wrong key (when ``api_key`` is set; /v1 only), 404 unknown
+too long a prompt, 401 missing or wrong key (when ``api_key`` is set; /v1 and /api), 404 unknown
 route or model, 413 body over 1 MiB, 429 queue full (with Retry-After), 500 an engine step
 that failed this request (never a stack trace), 503 shutting down.
 """
@@ -72,8 +72,9 @@ def create_app(
 ) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (the only name /v1 accepts).
 
-    api_key: when set, /v1 requests need ``Authorization: Bearer <api_key>`` (compared in
-        constant time); /health, /metrics and ``extra_routes`` stay open.
+    api_key: when set, requests under /v1 and /api (the explorer's API among ``extra_routes``)
+        need ``Authorization: Bearer <api_key>`` (compared in constant time); /health,
+        /metrics and pages (/explore) stay open.
     cors_origin: the one origin allowed cross-origin requests (CORS is off without it).
     extra_routes: Starlette routes / mounts added after the API's (the explorer page).
     """
@@ -322,15 +323,20 @@ class _App(FastAPI):
         return _CountStatus(inner, self.state.metrics)
 
 
+PROTECTED = ("/v1/", "/api/")  # what --api-key guards: every route that runs the model
+
+
 class _RequireKey:
-    """401 for a /v1 request without ``Authorization: Bearer <key>``, before anything else
-    (the body is not even read), the key compared in constant time."""
+    """401 for an API request (/v1, and the explorer's /api) without ``Authorization: Bearer
+    <key>``, before anything else (the body is not even read), the key compared in constant
+    time. Pages and static files (/explore, /health, /docs) hold no model output: they stay
+    open, and the explorer page sends the key on its own API calls."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED) and scope["method"] != "OPTIONS":
             value = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = value.partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():

@@ -70,6 +70,7 @@ class Engine:
         ``model.generate`` of its prompt alone whatever else runs (model_runner.py); by
         default the running sequences share one batched step (fast; see the README for
         how far that moves the logits).
+    name: the name the model is served under (the explorer page shows it).
 
     Use ``start()`` / ``shutdown()`` or ``with Engine(...) as engine:``.
     """
@@ -83,8 +84,10 @@ class Engine:
         max_queue: int = 256,
         max_prefill_tokens: int | None = None,
         batch_invariant: bool = False,
+        name: str | None = None,
     ) -> None:
         self.model = model.eval()
+        self.name = name
         self.tokenizer = tokenizer
         self.config = model.config
         self.runner = ModelRunner(model, max_batch_size, batch_invariant)
