@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from minigpt2 import GPT2, Tokenizer, sampling
+from minigpt2.generation import stream
 from minigpt2.serve import (
     Engine, EngineClosed, ErrorOutput, PromptOutput, QueueFull, RequestError, SamplingParams, TokenOutput,
 )  # fmt: skip
@@ -191,6 +192,14 @@ def test_logprobs_are_the_raw_distribution(model: GPT2, engine: Engine) -> None:
         assert o.token in o.top_logprobs
         for k, v in want.items():
             assert o.top_logprobs[k] == pytest.approx(v, abs=1e-4)
+    # the library's stream(..., logprobs=k) in its default "raw" mode: the same tokens and numbers
+    steps = list(stream(model, None, [prompt], max_new_tokens=6, do_sample=True, temperature=0.7, top_k=5,
+                        eos_token_id=None, generator=torch.Generator().manual_seed(0), logprobs=3))  # fmt: skip
+    assert [st.token for st in steps] == new
+    for st, o in zip(steps, got.of()):
+        assert o.logprob == pytest.approx(float(st.logprobs[0]), abs=1e-5)
+        for t, v in zip(st.top_ids[0].tolist(), st.top_logprobs[0].tolist()):
+            assert o.top_logprobs[engine.strings.string(t)] == pytest.approx(v, abs=1e-5)
 
 
 def test_echo_scores_the_prompt(model: GPT2, tok: Tokenizer, engine: Engine) -> None:
