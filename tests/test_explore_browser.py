@@ -364,3 +364,40 @@ def test_errors_show_in_the_page(page, engine):
     assert "exceeds the limit" in pg.inner_text("#tokens-error")
     assert "no tokens" in pg.inner_text("#next-error") and pg.locator("#bars .bar").count() == 0
     assert page.js_errors() == []
+
+
+def test_the_page_on_minigpt2_serve_with_an_api_key(browser, gpt2_tiny_vocab_checkpoint):
+    """minigpt2 serve's app with --api-key: the page opened as /explore#key=KEY sends the key on
+    every API call (all panels fill, the key leaves the address bar); without it the page says
+    which URL to open."""
+    pytest.importorskip("fastapi")
+    from serve_util import ServerThread
+
+    from minigpt2.serve import Engine, create_app
+
+    path, _ = gpt2_tiny_vocab_checkpoint
+    model = GPT2.from_pretrained(path)
+    with Engine(model, Tokenizer.from_pretrained(path), max_batch_size=2, name="served-tiny") as engine, \
+            ServerThread(create_app(engine, model_name="served-tiny", api_key="sekret", extra_routes=routes(engine))) as s:
+        page = browser.new_page()
+        try:
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{s.url}/explore?tokens=4#key=sekret")
+            page.wait_for_function("window.explore && window.explore.ready", timeout=60_000)
+            page.wait_for_selector("#sweep[data-done=true]", timeout=120_000)
+            assert "served-tiny" in page.inner_text("#model-line")
+            for panel in ("tokens", "next", "attention", "lens", "sweep", "architecture"):
+                assert page.locator(f"#{panel}-error").is_hidden(), panel
+            assert page.evaluate("location.hash") == "" and errors == []
+            ids = engine.tokenizer.encode(PROMPT)
+            assert page.locator("#tokens .tok").count() == len(ids)
+        finally:
+            page.close()
+        page = browser.new_page()  # a new tab: no key kept
+        try:
+            page.goto(f"{s.url}/explore")
+            page.wait_for_selector("#global-error:not([hidden])", timeout=60_000)
+            assert "/explore#key=" in page.inner_text("#global-error")
+        finally:
+            page.close()

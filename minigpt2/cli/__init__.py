@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 # The command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("generate", "inspect", "train", "parity", "explore")
+COMMAND_MODULES = ("generate", "inspect", "train", "parity", "explore", "serve")
 
 DEFAULT_MODEL = "gpt2"
 

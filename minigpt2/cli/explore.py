@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_app(engine: Any) -> Any:
-    """The ASGI app that serves the explorer for ``engine``. (With the server in the tree this
-    becomes its ``create_app(engine, ..., extra_routes=routes(engine))``.)"""
+    """The ASGI app that serves the explorer for ``engine``. ``minigpt2 serve`` mounts the same
+    routes on its own app and engine; this one-user command keeps a plain Starlette app on a
+    ``LocalEngine`` (no KV slots to allocate and warm, no /v1 API it was not asked for)."""
     from starlette.applications import Starlette
 
     from ..explore.routes import routes

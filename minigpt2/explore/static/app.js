@@ -25,13 +25,33 @@ class ApiError extends Error {
   constructor(message, param) { super(message); this.param = param; }
 }
 
+// A server started with `minigpt2 serve --api-key KEY` guards the API: the page is opened as
+// /explore#key=KEY. The fragment never leaves the browser (not in requests, not in the server's
+// logs); the key is kept for this tab and the fragment cleared from the address bar.
+const API_KEY = (() => {
+  const m = /(?:^#|&)key=([^&]*)/.exec(location.hash);
+  if (m) {
+    sessionStorage.setItem("minigpt2-api-key", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("minigpt2-api-key");
+})();
+const NEEDS_KEY = "this server needs its API key: open the page as /explore#key=YOUR_KEY";
+
+function headers(json) {
+  const h = json ? { "Content-Type": "application/json" } : {};
+  if (API_KEY) h.Authorization = `Bearer ${API_KEY}`;
+  return h;
+}
+
 async function api(path, body, signal) {
-  const init = body === undefined ? { signal } : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
+  const init = body === undefined ? { signal, headers: headers(false) } : {
+    method: "POST", headers: headers(true), body: JSON.stringify(body), signal,
   };
   const r = await fetch(path, init);
   let j = null;
   try { j = await r.json(); } catch { /* not JSON: reported below */ }
+  if (r.status === 401) throw new ApiError(`${NEEDS_KEY} (${j?.error?.message ?? "HTTP 401"})`);
   if (!r.ok) throw new ApiError(j?.error?.message ?? `${path}: HTTP ${r.status}`, j?.error?.param);
   if (j === null) throw new ApiError(`${path}: the server sent no JSON`);
   return j;
@@ -513,12 +533,13 @@ async function runSweep(v) {
   $("sweep-status").textContent = "generating\u2026";
   try {
     const r = await fetch("/api/explore/strategies", {
-      method: "POST", headers: { "Content-Type": "application/json" }, signal: ctl.signal,
+      method: "POST", headers: headers(true), signal: ctl.signal,
       body: JSON.stringify({ input_ids: state.ids, max_new_tokens: n, seed }),
     });
     if (!r.ok) {
       let j = null;
       try { j = await r.json(); } catch { /* reported below */ }
+      if (r.status === 401) throw new ApiError(NEEDS_KEY);
       throw new ApiError(j?.error?.message ?? `HTTP ${r.status}`);
     }
     const reader = r.body.getReader();
