@@ -433,7 +433,12 @@ def decode_n_tokens(
             cur = T + step
             scores = sampling.process(p, seq[:, :cur], logits, n_new=step, eos_ids=eos, prompt_start=prompt_start,
                                       prompt_ids=prompt_ids)
-            token = sampling.sample(scores, generator) if s.do_sample else sampling.greedy(scores)
+            if s.do_sample:
+                token = sampling.sample(scores, generator)
+                empty = None
+            else:  # argmax of an all -inf row is token 0: flag it, read with the step's one sync below
+                best, token = torch.max(scores, dim=-1)
+                empty = (best == float("-inf")) & unfinished
             if eos is not None:  # as transformers: finished rows are padded only when EOS can end them
                 token = token.masked_fill(~unfinished, s.pad_token_id)
             seq[:, cur] = token
@@ -446,8 +451,14 @@ def decode_n_tokens(
             if step == s.max_new_tokens - 1 or deadline.passed():
                 done = torch.ones_like(done)
             unfinished = unfinished & ~done
+            if empty is None:
+                alive, no_token = bool(unfinished.any()), False
+            else:  # one host sync per step, as before, carrying both flags
+                alive, no_token = torch.stack((unfinished.any(), empty.any())).tolist()
+        if no_token:
+            raise sampling.no_token_left(scores, empty)
         yield Step(token.clone(), ~unfinished, logits, scores)  # token cloned outside inference mode
-        if not bool(unfinished.any()):
+        if not alive:
             return
         with torch.inference_mode():
             m = None if full_mask is None else full_mask[:, : cur + 1]
@@ -541,7 +552,10 @@ def beam_search(
 
         # The K best continuations over all beams (or K drawn without replacement, best first).
         if s.do_sample:
-            pick = torch.multinomial(torch.softmax(total, dim=-1), K, generator=generator)
+            try:
+                pick = torch.multinomial(torch.softmax(total, dim=-1), K, generator=generator)
+            except RuntimeError as e:  # checked only when the draw failed
+                raise sampling.no_token_left(total) from e
             top = total.gather(1, pick)
             top, order = top.sort(dim=-1, descending=True)
             pick = pick.gather(1, order)

@@ -429,7 +429,8 @@ def sequence_bias_items(bias: Any, vocab_size: int | None = None) -> list[tuple[
         if not isinstance(ids, (list, tuple)) or not ids:
             raise ValueError(f"sequence_bias key {ids!r} must be a non-empty sequence of token ids")
         _token_list("sequence_bias", list(ids), vocab_size, allow_int=False)
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or math.isnan(b):
-            raise ValueError(f"sequence_bias value for {tuple(ids)} must be a number, got {b!r}")
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or math.isnan(b) or b == math.inf:
+            # +inf would make the score +inf and softmax NaN; -inf is a ban, as transformers reads it
+            raise ValueError(f"sequence_bias value for {tuple(ids)} must be a finite number or -inf, got {b!r}")
         out[tuple(ids)] = float(b)
     return list(out.items())
