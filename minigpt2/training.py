@@ -373,6 +373,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes")
     out = Path(cfg.out).expanduser()
     state = _check_out_dir(out, cfg.resume)
+    if state is not None:
+        check_resume_source(cfg.model, cfg.config, state.get("train_config") or {}, out)
     if state is not None and cfg.steps <= int(state["step"]):
         raise ValueError(f"the run in {out} is already at step {state['step']}; give --steps > {state['step']} to continue it")
     if cfg.plot:
@@ -607,6 +609,36 @@ def _sigint_flag() -> Iterator[Any]:
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 LOG = "log.jsonl"
+
+
+def check_resume_source(model: str | None, config: str | None, saved: dict[str, Any], out: str | Path) -> None:
+    """Refuse a ``model`` / ``config`` that is not the one the run saved in ``out`` started from.
+
+    ``saved``: that run's train_config (training_state.json). None means "not given". A
+    resumed run continues its own weights, so another source would be silently ignored.
+    Raises ValueError naming both.
+    """
+    for name, given in (("model", model), ("config", config)):
+        if given is None:
+            continue
+        was = saved.get(name)
+        if was is not None and _same_source(str(given), str(was)):
+            continue
+        if was is None:
+            other = "model" if name == "config" else "config"
+            origin = f"--{other} {saved.get(other)}" if saved.get(other) is not None else "another source"
+        else:
+            origin = f"--{name} {was}"
+        raise ValueError(f"--{name} {given} disagrees with the run saved in {out}, which started from {origin}; "
+                         f"leave --{name} out to resume it")
+
+
+def _same_source(a: str, b: str) -> bool:
+    """The same Hub id, or two spellings of one local path."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
