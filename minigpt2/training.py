@@ -252,16 +252,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based).
 
-    Linear warmup to ``lr`` over ``warmup`` steps, then a half cosine from ``lr`` down to
-    ``min_lr_ratio * lr`` at ``decay_steps`` (default: the last step), then flat.
+    Linear warmup to ``lr`` over ``warmup`` steps (``lr / warmup`` at step 0, ``lr`` at step
+    ``warmup - 1``, once), then a half cosine from there down to ``min_lr_ratio * lr`` at the
+    last step of ``decay_steps`` (default: the last step, ``steps - 1``), then flat.
+    nanoGPT's shape, with its 0-based off-by-ones removed (there the peak is used twice and
+    the last step stays above the floor).
     """
     total = cfg.decay_steps if cfg.decay_steps is not None else cfg.steps
     floor = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if step >= total:
-        return floor
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)  # 0 -> 1
+    peak = max(cfg.warmup - 1, 0)  # the step at lr: warmup's last, or step 0 without warmup
+    if step >= total - 1:
+        return floor if step > peak else cfg.lr
+    progress = (step - peak) / (total - 1 - peak)  # 0 at the peak -> 1 at the last step
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
 
 
