@@ -158,7 +158,9 @@ def _read_partial(path: Path) -> list[dict[str, Any]]:
 
 
 def test_torchrun_two_processes_match_one(files: dict[str, Any]) -> None:
-    """DDP with 2 gloo processes on CPU: the same global batch, the same losses (1e-4 relative)."""
+    """DDP with 2 gloo processes on CPU: the same global batch, the same losses (1e-4 relative).
+
+    Only with dropout off (TINY sets every *_pdrop to 0): each process draws its own masks."""
     args = ["--steps", "4", "--grad-accum", "2", "--eval-every", "2"]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
