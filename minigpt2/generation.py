@@ -259,6 +259,21 @@ def _check_settings(
     )  # fmt: skip
 
 
+def _first_non_id(rows: Any, name: str = "input_ids") -> str | None:
+    """Where a (nested) list of token ids holds something else: "input_ids[0] is 'Hi' (a str)"; None if all are ints."""
+    if not isinstance(rows, (list, tuple)):
+        return None
+    for i, x in enumerate(rows):
+        if isinstance(x, (list, tuple)):
+            inner = _first_non_id(x, f"{name}[{i}]")
+            if inner is not None:
+                return inner
+        elif isinstance(x, bool) or not isinstance(x, int) and not (isinstance(x, torch.Tensor) and x.dim() == 0
+                                                                    and not x.is_floating_point()):
+            return f"{name}[{i}] is {x!r:.40} (type {type(x).__name__})"
+    return None
+
+
 def _check_prompt(
     model: GPT2, input_ids: Any, attention_mask: Any, bos_token_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -277,10 +292,14 @@ def _check_prompt(
         if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], (list, tuple)):
             if len({len(r) for r in rows}) > 1:
                 raise ValueError("input_ids rows have different lengths; left-pad them and pass attention_mask")
+        where = _first_non_id(rows)
+        if where is not None:
+            raise ValueError(f"input_ids must hold integer token ids, but {where}; encode text first "
+                             "(tokenizer.encode, or tokenizer(texts, padding=True) for a batch)")
         try:
             input_ids = torch.as_tensor(rows)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"input_ids must be token ids (a list or LongTensor), got {type(rows).__name__}") from None
+            raise ValueError(f"input_ids must be token ids in a list, a list of rows or a LongTensor, got {rows!r:.80}") from None
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2:

@@ -371,15 +371,17 @@ def _number(
     """None, or a number within [low, high] (``strict``: low excluded; ``open_high``: high excluded)."""
     if x is None:
         return
-    if not _is_number(x) or math.isinf(x) and (low is not None or high is not None):
-        raise ValueError(f"{name} must be a number, got {x!r}")
+    lo = "(" if strict else "["
+    hi = ")" if open_high else "]"
+    span = f"{lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}"
+    bounded = low is not None or high is not None
+    if not _is_number(x) or math.isinf(x) and bounded:
+        kind = "a finite number" if bounded or isinstance(x, float) else "a number"
+        raise ValueError(f"{name} must be {kind}{f' in {span}' if bounded else ''}, got {x!r}")
     below = low is not None and (x <= low if strict else x < low)
     above = high is not None and (x >= high if open_high else x > high)
     if below or above:
-        lo = "(" if strict else "["
-        hi = ")" if open_high else "]"
-        raise ValueError(f"{name}={x!r} must be in {lo}{low if low is not None else '-inf'}, "
-                         f"{high if high is not None else 'inf'}{hi}")
+        raise ValueError(f"{name}={x!r} must be in {span}")
 
 
 def _token(name: str, x: Any, vocab_size: int | None) -> None:

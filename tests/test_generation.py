@@ -1023,3 +1023,14 @@ def test_a_row_with_every_token_removed_is_a_clear_value_error(tiny: Any, mode: 
     # the same set of tokens minus one leaves that one to pick, every step
     out = model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, suppress_tokens=list(range(1, vocab)), **mode)
     assert out[0, 2:].tolist() == [0, 0]
+
+
+def test_bad_prompt_and_settings_errors_name_the_element(tiny: Any) -> None:
+    model, _ = tiny
+    tok = Tokenizer()
+    with pytest.raises(ValueError, match=r"input_ids\[0\] is 'Hi' \(type str\)"):
+        list(model.stream(tok, ["Hi", "The meaning"], max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"input_ids\[1\]\[0\] is 2.5"):
+        model.generate([[1, 2], [2.5, 3]], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0.0, inf\], got nan"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, do_sample=True, temperature=float("nan"))
