@@ -96,6 +96,14 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "low_memory": (None, False),
 }
 
+# Why an UNSUPPORTED option is refused, where the generic reason (below) is not the one.
+_UNSUPPORTED_WHY = {
+    "output_attentions": "is not a generate option in minigpt2: to read the attention patterns, run the "
+    "prompt + generated ids through model.run_with_cache(ids) (the 'h.{i}.attn.pattern' activations)",
+    "output_hidden_states": "is not a generate option in minigpt2: to read the hidden states, run the "
+    "prompt + generated ids through model.run_with_cache(ids) (the 'h.{i}.resid_post' activations)",
+}
+
 _SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
@@ -341,6 +349,9 @@ class GenerationConfig:
         for name, off in UNSUPPORTED.items():
             value = self.extra.get(name)
             if value is not None and value not in off:
+                why = _UNSUPPORTED_WHY.get(name)
+                if why is not None:
+                    raise ValueError(f"{name}={value!r} {why}")
                 raise ValueError(
                     f"{name}={value!r} is not supported by minigpt2 (transformers moved this strategy out of its "
                     f"core or it needs a model other than GPT-2); unset it to generate"

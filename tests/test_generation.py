@@ -1034,3 +1034,11 @@ def test_bad_prompt_and_settings_errors_name_the_element(tiny: Any) -> None:
         model.generate([[1, 2], [2.5, 3]], max_new_tokens=1)
     with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0.0, inf\], got nan"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, do_sample=True, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("name, act", [("output_attentions", "attn.pattern"), ("output_hidden_states", "resid_post")])
+def test_output_attentions_points_to_run_with_cache(tiny: Any, name: str, act: str) -> None:
+    model, _ = tiny
+    with pytest.raises(ValueError, match=rf"{name}=True is not a generate option in minigpt2.*run_with_cache") as e:
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, return_dict_in_generate=True, **{name: True})
+    assert act in str(e.value) and "transformers moved" not in str(e.value)
