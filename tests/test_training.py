@@ -240,6 +240,8 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path: Path) -> Non
     card = (tmp_path / "README.md").read_text()
     for needle in ("base model: none", "data: synthetic", "steps: 7", "final val loss: 1.25"):
         assert needle in card
+    assert "](http" not in card.replace("](https://huggingface.co/", "")  # no placeholder links
+    assert "https://github.com/)" not in card
 
 
 # ----------------------------------------------------------- optimizer, schedule
