@@ -580,6 +580,7 @@ def beam_search(
             pick = pick.gather(1, order)
         else:
             top, pick = torch.topk(total, K)  # (B, K)
+        empty = top[:, 0] == float("-inf")  # every token removed in every beam: read at the step's sync below
         src_beam, token = pick // V, pick % V
         cand = running.gather(1, src_beam[:, :, None].expand(B, K, L)).clone()  # (B, K, L)
         cand[:, :, cur] = token
@@ -620,8 +621,13 @@ def beam_search(
         best_possible = running_scores[:, :1] / (best_len**lp)
         worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         can_improve = can_improve & (best_possible > worst).any(dim=-1, keepdim=True)
-        all_full = bool(is_finished.all()) and early is True
-        if not bool(can_improve.any()) or all_full or bool(ends.all()):
+        # one host sync for the step's four flags
+        full, improve, all_end, no_token = torch.stack(
+            (is_finished.all(), can_improve.any(), ends.all(), empty.any())
+        ).tolist()
+        if no_token:
+            raise sampling.no_token_left(total.view(B, nb * V), empty)
+        if not improve or (full and early is True) or all_end:
             break
 
     n = s.num_return_sequences

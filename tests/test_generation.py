@@ -1013,7 +1013,8 @@ def test_an_infinite_sequence_bias_is_refused_up_front(tiny: Any) -> None:
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, do_sample=True, sequence_bias={(5,): float("inf")})
 
 
-@pytest.mark.parametrize("mode", [dict(do_sample=True), dict(do_sample=False), dict(do_sample=True, num_beams=2)])
+@pytest.mark.parametrize("mode", [dict(do_sample=True), dict(do_sample=False), dict(do_sample=True, num_beams=2),
+                                  dict(do_sample=False, num_beams=2)])
 def test_a_row_with_every_token_removed_is_a_clear_value_error(tiny: Any, mode: dict[str, Any]) -> None:
     # which tokens survive depends on the step, so no up-front check can see this: the draw reports it
     model, _ = tiny
