@@ -54,7 +54,8 @@ def register(sub: Any) -> None:
             help_ += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
         # absent unless typed, so that --resume can tell a flag the user gave from one left out
         p.add_argument(flag, type=type_, default=argparse.SUPPRESS, metavar=metavar, help=help_)
-        _RUN_FLAGS.append(name)
+        if name not in _RUN_FLAGS:  # register() runs once per parser built
+            _RUN_FLAGS.append(name)
 
     opt("--steps", int, "optimizer steps to train to", "N")
     opt("--batch-size", int, "rows per micro-batch, over all processes", "B")
