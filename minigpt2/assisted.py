@@ -369,7 +369,10 @@ def _speculative_sampling(
         dist = residual / total if float(total) > 0 else p_probs[n]  # p == q exactly: nothing to correct
     else:
         dist = p_probs[k]
-    t = torch.multinomial(dist, 1, generator=generator)
+    try:
+        t = torch.multinomial(dist, 1, generator=generator)
+    except RuntimeError as e:  # checked only when the draw failed
+        raise sampling.no_token_left(scores[n : n + 1]) from e
     return torch.cat([drafted[:n], t]), n
 
 

@@ -259,6 +259,21 @@ def _check_settings(
     )  # fmt: skip
 
 
+def _first_non_id(rows: Any, name: str = "input_ids") -> str | None:
+    """Where a (nested) list of token ids holds something else: "input_ids[0] is 'Hi' (a str)"; None if all are ints."""
+    if not isinstance(rows, (list, tuple)):
+        return None
+    for i, x in enumerate(rows):
+        if isinstance(x, (list, tuple)):
+            inner = _first_non_id(x, f"{name}[{i}]")
+            if inner is not None:
+                return inner
+        elif isinstance(x, bool) or not isinstance(x, int) and not (isinstance(x, torch.Tensor) and x.dim() == 0
+                                                                    and not x.is_floating_point()):
+            return f"{name}[{i}] is {x!r:.40} (type {type(x).__name__})"
+    return None
+
+
 def _check_prompt(
     model: GPT2, input_ids: Any, attention_mask: Any, bos_token_id: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -277,10 +292,14 @@ def _check_prompt(
         if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], (list, tuple)):
             if len({len(r) for r in rows}) > 1:
                 raise ValueError("input_ids rows have different lengths; left-pad them and pass attention_mask")
+        where = _first_non_id(rows)
+        if where is not None:
+            raise ValueError(f"input_ids must hold integer token ids, but {where}; encode text first "
+                             "(tokenizer.encode, or tokenizer(texts, padding=True) for a batch)")
         try:
             input_ids = torch.as_tensor(rows)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"input_ids must be token ids (a list or LongTensor), got {type(rows).__name__}") from None
+            raise ValueError(f"input_ids must be token ids in a list, a list of rows or a LongTensor, got {rows!r:.80}") from None
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2:
@@ -433,7 +452,12 @@ def decode_n_tokens(
             cur = T + step
             scores = sampling.process(p, seq[:, :cur], logits, n_new=step, eos_ids=eos, prompt_start=prompt_start,
                                       prompt_ids=prompt_ids)
-            token = sampling.sample(scores, generator) if s.do_sample else sampling.greedy(scores)
+            if s.do_sample:
+                token = sampling.sample(scores, generator)
+                empty = None
+            else:  # argmax of an all -inf row is token 0: flag it, read with the step's one sync below
+                best, token = torch.max(scores, dim=-1)
+                empty = (best == float("-inf")) & unfinished
             if eos is not None:  # as transformers: finished rows are padded only when EOS can end them
                 token = token.masked_fill(~unfinished, s.pad_token_id)
             seq[:, cur] = token
@@ -446,8 +470,14 @@ def decode_n_tokens(
             if step == s.max_new_tokens - 1 or deadline.passed():
                 done = torch.ones_like(done)
             unfinished = unfinished & ~done
+            if empty is None:
+                alive, no_token = bool(unfinished.any()), False
+            else:  # one host sync per step, as before, carrying both flags
+                alive, no_token = torch.stack((unfinished.any(), empty.any())).tolist()
+        if no_token:
+            raise sampling.no_token_left(scores, empty)
         yield Step(token.clone(), ~unfinished, logits, scores)  # token cloned outside inference mode
-        if not bool(unfinished.any()):
+        if not alive:
             return
         with torch.inference_mode(), fast.between_steps(dec):
             m = None if full_mask is None else full_mask[:, : cur + 1]
@@ -541,12 +571,16 @@ def beam_search(
 
         # The K best continuations over all beams (or K drawn without replacement, best first).
         if s.do_sample:
-            pick = torch.multinomial(torch.softmax(total, dim=-1), K, generator=generator)
+            try:
+                pick = torch.multinomial(torch.softmax(total, dim=-1), K, generator=generator)
+            except RuntimeError as e:  # checked only when the draw failed
+                raise sampling.no_token_left(total) from e
             top = total.gather(1, pick)
             top, order = top.sort(dim=-1, descending=True)
             pick = pick.gather(1, order)
         else:
             top, pick = torch.topk(total, K)  # (B, K)
+        empty = top[:, 0] == float("-inf")  # every token removed in every beam: read at the step's sync below
         src_beam, token = pick // V, pick % V
         cand = running.gather(1, src_beam[:, :, None].expand(B, K, L)).clone()  # (B, K, L)
         cand[:, :, cur] = token
@@ -587,8 +621,13 @@ def beam_search(
         best_possible = running_scores[:, :1] / (best_len**lp)
         worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         can_improve = can_improve & (best_possible > worst).any(dim=-1, keepdim=True)
-        all_full = bool(is_finished.all()) and early is True
-        if not bool(can_improve.any()) or all_full or bool(ends.all()):
+        # one host sync for the step's four flags
+        full, improve, all_end, no_token = torch.stack(
+            (is_finished.all(), can_improve.any(), ends.all(), empty.any())
+        ).tolist()
+        if no_token:
+            raise sampling.no_token_left(total.view(B, nb * V), empty)
+        if not improve or (full and early is True) or all_end:
             break
 
     n = s.num_return_sequences

@@ -96,6 +96,14 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "low_memory": (None, False),
 }
 
+# Why an UNSUPPORTED option is refused, where the generic reason (below) is not the one.
+_UNSUPPORTED_WHY = {
+    "output_attentions": "is not a generate option in minigpt2: to read the attention patterns, run the "
+    "prompt + generated ids through model.run_with_cache(ids) (the 'h.{i}.attn.pattern' activations)",
+    "output_hidden_states": "is not a generate option in minigpt2: to read the hidden states, run the "
+    "prompt + generated ids through model.run_with_cache(ids) (the 'h.{i}.resid_post' activations)",
+}
+
 _SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
@@ -341,6 +349,9 @@ class GenerationConfig:
         for name, off in UNSUPPORTED.items():
             value = self.extra.get(name)
             if value is not None and value not in off:
+                why = _UNSUPPORTED_WHY.get(name)
+                if why is not None:
+                    raise ValueError(f"{name}={value!r} {why}")
                 raise ValueError(
                     f"{name}={value!r} is not supported by minigpt2 (transformers moved this strategy out of its "
                     f"core or it needs a model other than GPT-2); unset it to generate"
@@ -371,15 +382,17 @@ def _number(
     """None, or a number within [low, high] (``strict``: low excluded; ``open_high``: high excluded)."""
     if x is None:
         return
-    if not _is_number(x) or math.isinf(x) and (low is not None or high is not None):
-        raise ValueError(f"{name} must be a number, got {x!r}")
+    lo = "(" if strict else "["
+    hi = ")" if open_high else "]"
+    span = f"{lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}"
+    bounded = low is not None or high is not None
+    if not _is_number(x) or math.isinf(x) and bounded:
+        kind = "a finite number" if bounded or isinstance(x, float) else "a number"
+        raise ValueError(f"{name} must be {kind}{f' in {span}' if bounded else ''}, got {x!r}")
     below = low is not None and (x <= low if strict else x < low)
     above = high is not None and (x >= high if open_high else x > high)
     if below or above:
-        lo = "(" if strict else "["
-        hi = ")" if open_high else "]"
-        raise ValueError(f"{name}={x!r} must be in {lo}{low if low is not None else '-inf'}, "
-                         f"{high if high is not None else 'inf'}{hi}")
+        raise ValueError(f"{name}={x!r} must be in {span}")
 
 
 def _token(name: str, x: Any, vocab_size: int | None) -> None:
@@ -429,7 +442,8 @@ def sequence_bias_items(bias: Any, vocab_size: int | None = None) -> list[tuple[
         if not isinstance(ids, (list, tuple)) or not ids:
             raise ValueError(f"sequence_bias key {ids!r} must be a non-empty sequence of token ids")
         _token_list("sequence_bias", list(ids), vocab_size, allow_int=False)
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or math.isnan(b):
-            raise ValueError(f"sequence_bias value for {tuple(ids)} must be a number, got {b!r}")
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or math.isnan(b) or b == math.inf:
+            # +inf would make the score +inf and softmax NaN; -inf is a ban, as transformers reads it
+            raise ValueError(f"sequence_bias value for {tuple(ids)} must be a finite number or -inf, got {b!r}")
         out[tuple(ids)] = float(b)
     return list(out.items())

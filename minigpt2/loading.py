@@ -430,7 +430,7 @@ def model_card(model: GPT2, **fields: Any) -> str:
         "",
         f"# {fields.pop('title', 'GPT-2 checkpoint')}",
         "",
-        "Saved by [minigpt2](https://github.com/) in the layout of transformers' `GPT2LMHeadModel`.",
+        "Saved by minigpt2 in the layout of transformers' `GPT2LMHeadModel`.",
         "",
         f"- architecture: GPT-2, n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
         f"n_positions={c.n_positions}, vocab_size={c.vocab_size}",

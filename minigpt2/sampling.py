@@ -456,9 +456,36 @@ def process(
 
 
 def sample(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from softmax(scores): [B, V] -> [B]. -inf scores are never drawn."""
+    """One token per row from softmax(scores): [B, V] -> [B]. -inf scores are never drawn.
+
+    Raises ValueError (from ``no_token_left``) when a row has nothing left to draw: every
+    score -inf, or a NaN / +inf among them.
+    """
     probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    try:
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    except RuntimeError as e:  # checked only once the draw failed: no host sync on the hot path
+        raise no_token_left(scores) from e
+
+
+def no_token_left(scores: torch.Tensor, rows: torch.Tensor | None = None) -> ValueError:
+    """The error for scores [B, V] with no token left to pick, naming the first bad row.
+
+    ``rows``: a bool [B] of the rows known bad (greedy's check); else found here. The
+    processors that can remove every token are the ones named in the message.
+    """
+    flat = scores.reshape(-1, scores.shape[-1])
+    empty = (flat == float("-inf")).all(dim=-1) if rows is None else rows.reshape(-1)
+    if bool(empty.any()):
+        b = int(empty.nonzero()[0, 0])
+        return ValueError(
+            f"every token was removed from row {b} of the batch: the logits processors (suppress_tokens, "
+            f"begin_suppress_tokens, bad_words_ids, sequence_bias, min_new_tokens, a sampling cutoff, ...) "
+            f"left no token with a finite score; remove one of them"
+        )
+    bad = (flat.isnan() | (flat == float("inf"))).any(dim=-1)
+    b = int(bad.nonzero()[0, 0]) if bool(bad.any()) else 0
+    return ValueError(f"the scores of row {b} hold NaN or +inf, so no token can be drawn (a NaN logit or an inf bias)")
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:

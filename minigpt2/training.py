@@ -252,16 +252,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based).
 
-    Linear warmup to ``lr`` over ``warmup`` steps, then a half cosine from ``lr`` down to
-    ``min_lr_ratio * lr`` at ``decay_steps`` (default: the last step), then flat.
+    Linear warmup to ``lr`` over ``warmup`` steps (``lr / warmup`` at step 0, ``lr`` at step
+    ``warmup - 1``, once), then a half cosine from there down to ``min_lr_ratio * lr`` at the
+    last step of ``decay_steps`` (default: the last step, ``steps - 1``), then flat.
+    nanoGPT's shape, with its 0-based off-by-ones removed (there the peak is used twice and
+    the last step stays above the floor).
     """
     total = cfg.decay_steps if cfg.decay_steps is not None else cfg.steps
     floor = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if step >= total:
-        return floor
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)  # 0 -> 1
+    peak = max(cfg.warmup - 1, 0)  # the step at lr: warmup's last, or step 0 without warmup
+    if step >= total - 1:
+        return floor if step > peak else cfg.lr
+    progress = (step - peak) / (total - 1 - peak)  # 0 at the peak -> 1 at the last step
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
 
 
@@ -373,6 +377,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes")
     out = Path(cfg.out).expanduser()
     state = _check_out_dir(out, cfg.resume)
+    if state is not None:
+        check_resume_source(cfg.model, cfg.config, state.get("train_config") or {}, out)
     if state is not None and cfg.steps <= int(state["step"]):
         raise ValueError(f"the run in {out} is already at step {state['step']}; give --steps > {state['step']} to continue it")
     if cfg.plot:
@@ -607,6 +613,36 @@ def _sigint_flag() -> Iterator[Any]:
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 LOG = "log.jsonl"
+
+
+def check_resume_source(model: str | None, config: str | None, saved: dict[str, Any], out: str | Path) -> None:
+    """Refuse a ``model`` / ``config`` that is not the one the run saved in ``out`` started from.
+
+    ``saved``: that run's train_config (training_state.json). None means "not given". A
+    resumed run continues its own weights, so another source would be silently ignored.
+    Raises ValueError naming both.
+    """
+    for name, given in (("model", model), ("config", config)):
+        if given is None:
+            continue
+        was = saved.get(name)
+        if was is not None and _same_source(str(given), str(was)):
+            continue
+        if was is None:
+            other = "model" if name == "config" else "config"
+            origin = f"--{other} {saved.get(other)}" if saved.get(other) is not None else "another source"
+        else:
+            origin = f"--{name} {was}"
+        raise ValueError(f"--{name} {given} disagrees with the run saved in {out}, which started from {origin}; "
+                         f"leave --{name} out to resume it")
+
+
+def _same_source(a: str, b: str) -> bool:
+    """The same Hub id, or two spellings of one local path."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:

@@ -8,14 +8,20 @@ right padding, stream log-probs, a CUDA generator, assisted decoding's greedy id
 assistant, prompt lookup, early exit, the model itself), speculative sampling and bf16 weights.
 It prints PASS / FAIL per check and a summary line.
 """
-import os, sys, time, tempfile, warnings, traceback
+import argparse, os, sys, time, tempfile, warnings, traceback
+# Arguments first, so --help answers on any machine before torch is even imported.
+_parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                  epilog="Needs a CUDA GPU unless --device cpu (or DEV=cpu) is given.")
+_parser.add_argument("--device", default=os.environ.get("DEV", "cuda"), help="cuda (default) or cpu; env DEV sets it too")
+dev = _parser.parse_args().device
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.getcwd())
 import torch, transformers
+if dev.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("check_generation_cuda.py: needs a CUDA GPU (none found); --device cpu runs it on the CPU")
 import minigpt2
 from minigpt2 import assisted
-dev = os.environ.get("DEV", "cuda")
 print("torch", torch.__version__, "transformers", transformers.__version__, "device", dev,
       torch.cuda.get_device_name(0) if dev == "cuda" else "")
 results = {}

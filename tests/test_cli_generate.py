@@ -65,15 +65,23 @@ def test_generate_streams_what_transformers_samples(ckpt: tuple[Path, Any]) -> N
     assert r.stdout == hf_text(hf, PROMPT, seed=3, max_new_tokens=12, do_sample=True) + "\n"
 
 
-def test_generate_greedy_num_samples(ckpt: tuple[Path, Any]) -> None:
+def test_generate_greedy_and_beams_num_samples(ckpt: tuple[Path, Any]) -> None:
     d, hf = ckpt
-    r = run_cli("generate", PROMPT, "--model", str(d), "--max-new-tokens", "8", "--greedy", "--num-samples", "2",
+    r = run_cli("generate", PROMPT, "--model", str(d), "--max-new-tokens", "8", "--greedy",
                 "--repetition-penalty", "1.3")
     assert r.returncode == 0, r.stderr
-    expected = hf_text(hf, PROMPT, max_new_tokens=8, repetition_penalty=1.3)
+    assert r.stdout == hf_text(hf, PROMPT, max_new_tokens=8, repetition_penalty=1.3) + "\n"
+    # --num-samples with beams prints the best beams, as num_return_sequences does.
+    r = run_cli("generate", PROMPT, "--model", str(d), "--max-new-tokens", "6", "--num-beams", "3", "--num-samples", "2")
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer()
+    ids = torch.tensor([tok.encode(PROMPT)])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tok.eos_token_id, max_new_tokens=6,
+                      num_beams=3, num_return_sequences=2)
+    beams = [PROMPT + tok.decode([t for t in row[ids.shape[1]:].tolist() if t != tok.eos_token_id]) for row in out]
     lines = r.stdout.splitlines()
-    assert [ln for ln in lines if ln.startswith("---")] == [lines[0], lines[2]] and "1/2" in lines[0]
-    assert lines[1] == lines[3] == expected
+    assert lines[0].startswith("---") and "beam 1/2" in lines[0] and "beam 2/2" in lines[2]
+    assert [lines[1], lines[3]] == beams and len(lines) == 4
 
 
 def test_compare_sections_and_seed(ckpt: tuple[Path, Any]) -> None:
@@ -132,6 +140,12 @@ def test_missing_model_directory_exit_1(tmp_path: Path) -> None:
         (["--assistant", "x", "--num-beams", "2"], "num-beams"),
         (["--assistant", "x", "--prompt-lookup", "2"], "prompt-lookup"),
         (["--bad-words", ""], "bad-words"),
+        (["--stop", ""], "stop"),
+        (["--num-assistant-tokens", "3"], "--assistant"),  # would be ignored without an assistant
+        (["--greedy", "--temperature", "0.5", "--top-k", "3"], "--temperature, --top-k"),
+        (["--num-beams", "2", "--top-p", "0.5"], "--top-p"),
+        (["--greedy", "--num-samples", "2"], "--greedy"),  # the same text twice
+        (["--num-beams", "2", "--num-samples", "3"], "<= --num-beams 2"),
     ],
 )
 def test_bad_values_are_usage_errors(args: list[str], word: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,3 +283,20 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
                         "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1
     assert_one_line_error(r.stderr, "someone/no-such-gpt2")
+
+
+def test_a_bad_checkpoint_setting_fails_before_the_prompt_is_echoed(ckpt: tuple[Path, Any], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    d, _ = ckpt
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    gc = json.loads((bad / "generation_config.json").read_text())
+    (bad / "generation_config.json").write_text(json.dumps({**gc, "top_p": 5}))
+    for extra in ([], ["--logprobs", "1"], ["--num-samples", "2"]):
+        assert main(["generate", PROMPT, "--model", str(bad), "--max-new-tokens", "2", *extra]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing echoed before the error
+        assert_one_line_error(captured.err, "top_p")

@@ -184,10 +184,13 @@ def test_score_bad_inputs(gpt2_tiny_vocab_checkpoint, tmp_path, capsys):
     one_line_error(run("score", "--model", path), 2, "TEXT or --file")
     cases = [
         (["score", "a b", "--file", "x.txt"], 2, "not both"),
-        (["score", "", "--model", path], 1, "at least 2 tokens"),
-        (["score", "Hello world again", "--model", path, "--stride", "0"], 1, "stride=0"),
-        (["score", "Hello world again", "--model", path, "--stride", "257"], 1, "n_positions=256"),
+        # values the user typed are usage errors (2); a file's problems are 1
+        (["score", "", "--model", path], 2, "at least 2 tokens"),
+        (["score", "Hello world again", "--model", path, "--stride", "0"], 2, "--stride 0"),
+        (["score", "Hello world again", "--model", path, "--stride", "257"], 2, "n_positions=256"),
         (["score", "--file", str(tmp_path / "missing.txt"), "--model", path], 1, "not found"),
+        (["score", "--file", str(tmp_path), "--model", path], 2, "is a directory"),
+        (["lens", "hello " * 300, "--model", path], 2, "exceeds n_positions=256"),
     ]
     for argv, code, word in cases:
         assert main(argv) == code, argv

@@ -158,7 +158,9 @@ def _read_partial(path: Path) -> list[dict[str, Any]]:
 
 
 def test_torchrun_two_processes_match_one(files: dict[str, Any]) -> None:
-    """DDP with 2 gloo processes on CPU: the same global batch, the same losses (1e-4 relative)."""
+    """DDP with 2 gloo processes on CPU: the same global batch, the same losses (1e-4 relative).
+
+    Only with dropout off (TINY sets every *_pdrop to 0): each process draws its own masks."""
     args = ["--steps", "4", "--grad-accum", "2", "--eval-every", "2"]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -178,3 +180,31 @@ def test_torchrun_two_processes_match_one(files: dict[str, Any]) -> None:
         assert_close_or_none(ra.get("val_loss"), rb.get("val_loss"), rel=1e-4, what=f"val_loss at step {ra['step']}")
     state = json.loads((files["dir"] / "ddp" / "training_state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_resume_keeps_the_saved_flags_and_refuses_another_source(files: dict[str, Any]) -> None:
+    d = files["dir"]
+    r = _run(_args(files, "out", "--steps", "3", "--warmup", "3", "--min-lr-ratio", "0.5"))
+    assert r.returncode == 0, r.stderr
+    out = d / "out"
+    # Another --config (or any --model) than the run's own: one line naming both, exit 2.
+    (d / "small_vocab.json").write_text(json.dumps({**TINY, "vocab_size": 1000}))
+    for flag, value in (("--config", str(d / "small_vocab.json")), ("--model", "gpt2")):
+        args = ["train", "--data", files["data"], "--out", str(out), "--steps", "5", "--resume", flag, value,
+                "--cache-dir", str(d / "cache"), "--no-progress"]
+        bad = _run(args)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("minigpt2: error:"), bad.stderr
+        assert value in lines[0] and files["config"] in lines[0]
+    # Flags left out come from the saved run (no default warmup / lr / batch size), silently.
+    resumed = _run(["train", "--data", files["data"], "--out", str(out), "--steps", "5", "--resume",
+                    "--cache-dir", str(d / "cache"), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note" not in resumed.stderr
+    saved = json.loads((out / "training_state.json").read_text())["train_config"]
+    assert (saved["warmup"], saved["min_lr_ratio"], saved["lr"], saved["batch_size"]) == (3, 0.5, 1e-2, 4)
+    assert saved["config"] == files["config"]
+    # A flag the user does change still gets the note.
+    changed = _run(["train", "--data", files["data"], "--out", str(out), "--steps", "6", "--resume", "--lr", "2e-2",
+                    "--cache-dir", str(d / "cache"), "--no-progress"])
+    assert changed.returncode == 0 and "note: lr changed" in changed.stderr, changed.stderr

@@ -24,11 +24,11 @@ pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from starlette.applications import Starlette  # noqa: E402
 
 from minigpt2 import GPT2, Tokenizer, logit_lens, sampling  # noqa: E402
 from minigpt2.explore import data  # noqa: E402
 from minigpt2.explore.engine import LocalEngine  # noqa: E402
+from minigpt2.cli.explore import build_app  # noqa: E402
 from minigpt2.explore.routes import routes  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -63,7 +63,7 @@ def engine(gpt2_tiny_vocab_checkpoint):
 def base_url(engine):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes(engine)), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))  # what `minigpt2 explore` serves
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -401,3 +401,18 @@ def test_the_page_on_minigpt2_serve_with_an_api_key(browser, gpt2_tiny_vocab_che
             assert "/explore#key=" in page.inner_text("#global-error")
         finally:
             page.close()
+
+
+@pytest.mark.parametrize("seed", ["abc", "-1", "1.5"])
+def test_a_bad_seed_in_the_link_is_an_error_not_seed_0(browser, base_url, seed):
+    pg = browser.new_page()
+    try:
+        pg.goto(f"{base_url}/explore?tokens=2&seed={seed}")
+        pg.wait_for_function("window.explore && window.explore.ready", timeout=60_000)
+        pg.wait_for_selector("#sweep-error:not([hidden])", timeout=30_000)
+        assert f'seed must be an integer >= 0, got "{seed}"' in pg.inner_text("#sweep-error")
+        pg.click("#pick-sample")
+        pg.wait_for_selector("#next-error:not([hidden])", timeout=30_000)
+        assert f'got "{seed}"' in pg.inner_text("#next-error")
+    finally:
+        pg.close()

@@ -255,3 +255,12 @@ def test_vocabulary_pieces(model_and_tok):
     assert len(v) == model.config.vocab_size
     assert v[464] == "The" and v[198] == "\n" and v[50256] == "<|endoftext|>"
     assert v[tok.encode("\U0001F600")[0]].startswith("\\x")
+
+
+@pytest.mark.parametrize("ids, where", [([1.5], "input_ids[0] is 1.5"), ([464, True], "input_ids[1] is True"),
+                                        ("464", "'464'")])
+def test_bad_ids_name_the_element_not_the_container(model_and_tok, ids, where):
+    model, _ = model_and_tok
+    with pytest.raises(data.BadValue, match="input_ids") as e:
+        data.check_ids(model, ids)
+    assert where in str(e.value) and "got list" not in str(e.value)

@@ -16,19 +16,19 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 
-from starlette.applications import Starlette  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from minigpt2 import GPT2, Tokenizer  # noqa: E402
 from minigpt2.explore.engine import LocalEngine  # noqa: E402
-from minigpt2.explore.routes import MAX_BODY, routes  # noqa: E402
+from minigpt2.cli.explore import build_app  # noqa: E402
+from minigpt2.explore.routes import MAX_BODY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def client(gpt2_tiny_vocab_checkpoint):
     path, _ = gpt2_tiny_vocab_checkpoint
     engine = LocalEngine(GPT2.from_pretrained(path), Tokenizer.from_pretrained(path), name="tiny")
-    with TestClient(Starlette(routes=routes(engine))) as c:
+    with TestClient(build_app(engine)) as c:  # what `minigpt2 explore` serves
         c.engine = engine
         yield c
     engine.close()
@@ -198,3 +198,19 @@ def test_no_text_mode_browser_without_a_display(monkeypatch):
     assert explore._open_browser("http://127.0.0.1:1/explore") is False and opened == []
     monkeypatch.setenv("DISPLAY", ":0")
     assert explore._open_browser("http://127.0.0.1:1/explore") is True and opened == ["http://127.0.0.1:1/explore"]
+
+
+def test_unknown_routes_and_methods_under_api_are_json_errors(client):
+    for method, path, status in (("GET", "/api/explore/nope", 404), ("GET", "/api/explore/tokens", 405),
+                                 ("POST", "/api/explore/model", 405), ("GET", "/api/", 404)):
+        r = client.request(method, path)
+        assert r.status_code == status, path
+        err = r.json()["error"]
+        assert path in err["message"] and err["type"] == "invalid_request_error"
+    assert "POST" in client.get("/api/explore/tokens").json()["error"]["message"]  # the method to use
+    # Pages and static files stay plain; / opens the page.
+    missing = client.get("/explore/static/nope.js")
+    assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/plain")
+    root = client.get("/", follow_redirects=False)
+    assert root.status_code in (302, 307) and root.headers["location"] == "/explore"
+    assert client.get("/").status_code == 200

@@ -1004,3 +1004,42 @@ def test_generation_config_from_a_hub_repo(make_checkpoint: Any, tmp_path: Path,
     assert minigpt2.GenerationConfig.from_pretrained("someone/ft").do_sample is True
     (snapshot / "generation_config.json").unlink()
     assert GPT2.from_pretrained("someone/ft").generation_config.eos_token_id == 999  # derived from config.json
+
+
+# --------------------------------------------------------------------------- no token left
+def test_an_infinite_sequence_bias_is_refused_up_front(tiny: Any) -> None:
+    model, _ = tiny
+    with pytest.raises(ValueError, match="sequence_bias value"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, do_sample=True, sequence_bias={(5,): float("inf")})
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=True), dict(do_sample=False), dict(do_sample=True, num_beams=2),
+                                  dict(do_sample=False, num_beams=2)])
+def test_a_row_with_every_token_removed_is_a_clear_value_error(tiny: Any, mode: dict[str, Any]) -> None:
+    # which tokens survive depends on the step, so no up-front check can see this: the draw reports it
+    model, _ = tiny
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match="every token was removed from row 0"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, suppress_tokens=list(range(vocab)), **mode)
+    # the same set of tokens minus one leaves that one to pick, every step
+    out = model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, suppress_tokens=list(range(1, vocab)), **mode)
+    assert out[0, 2:].tolist() == [0, 0]
+
+
+def test_bad_prompt_and_settings_errors_name_the_element(tiny: Any) -> None:
+    model, _ = tiny
+    tok = Tokenizer()
+    with pytest.raises(ValueError, match=r"input_ids\[0\] is 'Hi' \(type str\)"):
+        list(model.stream(tok, ["Hi", "The meaning"], max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"input_ids\[1\]\[0\] is 2.5"):
+        model.generate([[1, 2], [2.5, 3]], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0.0, inf\], got nan"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, do_sample=True, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("name, act", [("output_attentions", "attn.pattern"), ("output_hidden_states", "resid_post")])
+def test_output_attentions_points_to_run_with_cache(tiny: Any, name: str, act: str) -> None:
+    model, _ = tiny
+    with pytest.raises(ValueError, match=rf"{name}=True is not a generate option in minigpt2.*run_with_cache") as e:
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=1, return_dict_in_generate=True, **{name: True})
+    assert act in str(e.value) and "transformers moved" not in str(e.value)

@@ -575,3 +575,11 @@ def test_reordered_ids_and_unreachable_tokens(tmp_path: Path) -> None:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
     assert len(vocab) not in ours.encode(" helloworld")
     assert ours.decode([len(vocab)]) == " helloworld"
+
+
+def test_type_errors_name_the_bad_element(tok: Tokenizer) -> None:
+    with pytest.raises(TypeError, match=r"text\[1\] is 2 \(type int\).*decode"):
+        tok(["a", 2])
+    with pytest.raises(TypeError, match=r"row 0 is the single id 15496; use decode"):
+        tok.batch_decode([15496, 995])
+    assert tok.batch_decode([[15496], [995]]) == [tok.decode([15496]), tok.decode([995])]

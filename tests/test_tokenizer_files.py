@@ -295,7 +295,9 @@ def _write(directory: Path, files: dict[str, str]) -> Path:
 BAD: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "a config but no vocabulary": (lambda d, ok: _write(d, {"tokenizer_config.json": "{}"}), "no vocabulary"),
     "vocab.json without merges.txt": (lambda d, ok: _write(d, {"vocab.json": (DATA / "vocab.json").read_text()}),
-                                      "no vocabulary"),
+                                      "has vocab.json but no merges.txt"),
+    "merges.txt without vocab.json": (lambda d, ok: _write(d, {"merges.txt": (DATA / "merges.txt").read_text()}),
+                                      "has merges.txt but no vocab.json"),
     "tokenizer.json is not JSON": (lambda d, ok: _write(d, {"tokenizer.json": "{not json"}), "not valid JSON"),
     "tokenizer.json of another model": (lambda d, ok: _write(d, {"tokenizer.json": json.dumps(
         {"model": {"type": "WordPiece", "vocab": {"a": 0}, "merges": []}})}), "not BPE"),

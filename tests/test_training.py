@@ -240,6 +240,8 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path: Path) -> Non
     card = (tmp_path / "README.md").read_text()
     for needle in ("base model: none", "data: synthetic", "steps: 7", "final val loss: 1.25"):
         assert needle in card
+    assert "](http" not in card.replace("](https://huggingface.co/", "")  # no placeholder links
+    assert "https://github.com/)" not in card
 
 
 # ----------------------------------------------------------- optimizer, schedule
@@ -259,9 +261,24 @@ def test_schedule_warmup_then_cosine_to_ten_percent() -> None:
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[60] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)
+    assert lrs[59] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)  # half way 9 -> 109
     assert learning_rate(110, cfg) == pytest.approx(1e-4)
-    assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-12)  # the floor at the last step, not one step later
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 5, 19, 20])
+def test_schedule_peaks_once_and_ends_on_the_floor(warmup: int) -> None:
+    # The tester's run: --steps 20 --warmup 5 logged the peak twice and ended at 6.59e-5, not 6e-5.
+    cfg = TrainConfig(data="x", out="y", lr=6e-4, warmup=warmup, steps=20)
+    lrs = [learning_rate(s, cfg) for s in range(cfg.steps)]
+    peak = max(warmup - 1, 0)
+    assert lrs[0] == pytest.approx(6e-4 / max(warmup, 1))
+    assert lrs[peak] == pytest.approx(6e-4, rel=1e-12)
+    assert sum(lr > 6e-4 * (1 - 1e-9) for lr in lrs) == 1  # the peak once
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))
+    if peak < cfg.steps - 1:
+        assert lrs[-1] == pytest.approx(6e-5, rel=1e-12)
 
 
 # ------------------------------------------------------------------------- data

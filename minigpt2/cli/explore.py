@@ -46,10 +46,17 @@ def build_app(engine: Any) -> Any:
     routes on its own app and engine; this one-user command keeps a plain Starlette app on a
     ``LocalEngine`` (no KV slots to allocate and warm, no /v1 API it was not asked for)."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Route
 
-    from ..explore.routes import routes
+    from ..explore.routes import http_error, routes
 
-    return Starlette(routes=routes(engine))
+    async def root(_: Any) -> RedirectResponse:  # the only page: / opens it
+        return RedirectResponse("/explore")
+
+    return Starlette(routes=[Route("/", root, methods=["GET"]), *routes(engine)],
+                     exception_handlers={HTTPException: http_error})
 
 
 def _bind(port: int) -> socket.socket:

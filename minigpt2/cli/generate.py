@@ -117,7 +117,7 @@ def register(sub: Any) -> None:
                    help="beam search with B beams (implies --greedy; printed when done, not streamed)")
     p.add_argument("--greedy", action="store_true", help="take the most likely token (no sampling)")
     p.add_argument("--num-samples", type=_int_at_least(1), default=1, metavar="N", help="samples to print (default: 1)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", type=_non_empty,
                    help="end a sample once its text contains TEXT (repeatable)")
     p.add_argument("--assistant", default=None, metavar="NAME_OR_PATH",
                    help="assisted decoding: a smaller GPT-2 with the same tokenizer drafts tokens the model checks "
@@ -203,27 +203,73 @@ def run_generate(args: argparse.Namespace) -> int:
                        "not --num-beams", code=2)
     if args.num_beams > 1 and args.logprobs is not None:
         raise CLIError("--logprobs streams token by token; beam search cannot (drop --num-beams)", code=2)
+    _check_flag_combinations(args)
     model, tokenizer = load_model_and_tokenizer(args)
     ids = _prompt_ids(tokenizer, args.prompt)
     kwargs = _generation_kwargs(args, model, tokenizer)
     _check_length(model, ids, kwargs.get("max_new_tokens"))
     if args.assistant is not None:
         kwargs["assistant_model"] = _load_assistant(args, model)
+    _check_settings_before_output(model, tokenizer, ids, args, kwargs)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     else:
         torch.seed()  # torch starts every process from the same seed: draw a fresh one
+    if args.num_beams > 1:  # the best beams are only known at the end: print them whole
+        out = model.generate([ids], num_beams=args.num_beams, num_return_sequences=args.num_samples, stop=args.stop,
+                             tokenizer=tokenizer, **kwargs)
+        for i, row in enumerate(out):
+            if args.num_samples > 1:
+                print(f"{SEPARATOR} beam {i + 1}/{args.num_samples}", flush=True)
+            print(args.prompt + tokenizer.decode(_strip_eos(row[len(ids):].tolist(), tokenizer)), flush=True)
+        return 0
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"{SEPARATOR} sample {i + 1}/{args.num_samples}", flush=True)
-        if args.num_beams > 1:  # the best beam is only known at the end: print it whole
-            out = model.generate([ids], num_beams=args.num_beams, stop=args.stop, tokenizer=tokenizer, **kwargs)
-            print(args.prompt + tokenizer.decode(_strip_eos(out[0, len(ids):].tolist(), tokenizer)), flush=True)
-        elif args.logprobs is not None:
+        if args.logprobs is not None:
             _print_logprobs(model, tokenizer, args.prompt, ids, args.logprobs, stop=args.stop, **kwargs)
         else:
             _print_stream(model, tokenizer, args.prompt, ids, stop=args.stop, **kwargs)
     return 0
+
+
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _check_flag_combinations(args: argparse.Namespace) -> None:
+    """Flags that would be silently ignored, or repeat one output, are usage errors (exit 2)."""
+    if args.num_assistant_tokens is not None and args.assistant is None:
+        raise CLIError("--num-assistant-tokens sets how many tokens --assistant drafts; give --assistant too", code=2)
+    deterministic = "--greedy" if args.greedy else f"--num-beams {args.num_beams}" if args.num_beams > 1 else None
+    if deterministic is not None:
+        given = [f"--{f.replace('_', '-')}" for f in _SAMPLING_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} only change sampling, which {deterministic} turns off; drop "
+                           f"{'it' if len(given) == 1 else 'them'} or {deterministic}", code=2)
+    if args.greedy and args.num_samples > 1:
+        raise CLIError(f"--num-samples {args.num_samples} with --greedy would print one text {args.num_samples} "
+                       "times (greedy search is deterministic); drop --greedy to sample, or use --num-beams", code=2)
+    if args.num_beams > 1 and args.num_samples > args.num_beams:
+        raise CLIError(f"--num-samples {args.num_samples} prints the best beams, so it must be <= --num-beams "
+                       f"{args.num_beams}", code=2)
+
+
+def _check_settings_before_output(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace,
+                                  kwargs: dict[str, Any]) -> None:
+    """What generate / stream will check (the checkpoint's generation_config.json, the prompt's
+    ids against the vocabulary, every setting), checked before the prompt is echoed."""
+    from ..generation import _check_prompt, _check_settings, resolve_generation_config
+
+    call = {k: v for k, v in kwargs.items() if k != "assistant_model"}
+    if args.stop:
+        call["stop_strings"] = args.stop
+    if args.num_beams > 1:
+        call.update(num_beams=args.num_beams, num_return_sequences=args.num_samples)
+    assistant = kwargs.get("assistant_model")
+    gc, default_max_length = resolve_generation_config(model, None, call, assistant)
+    prompt, _ = _check_prompt(model, [ids], None, gc.bos_token_id)
+    _check_settings(model, gc, prompt.shape[1], default_max_length, tokenizer=tokenizer, generator=None,
+                    assistant_model=assistant)
 
 
 def _generation_kwargs(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:

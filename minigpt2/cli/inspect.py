@@ -129,8 +129,8 @@ def _encode_prompt(tokenizer, model, prompt: str):  # noqa: ANN001, ANN202 - Lon
     if not ids:
         raise CLIError("the prompt is empty: give some text", code=2)
     n = model.config.n_positions
-    if len(ids) > n:
-        raise ValueError(f"prompt of {len(ids)} tokens exceeds n_positions={n}")
+    if len(ids) > n:  # a value the user typed: a usage error, as generate's --max-new-tokens check
+        raise CLIError(f"prompt of {len(ids)} tokens exceeds n_positions={n}; shorten it", code=2)
     return torch.tensor([ids], device=model.device)
 
 
@@ -195,6 +195,8 @@ def _read_text(args: argparse.Namespace) -> str:
     if args.file == "-":
         return sys.stdin.read()
     path = Path(args.file).expanduser()
+    if path.is_dir():
+        raise CLIError(f"--file {args.file} is a directory; give a text file (or - for stdin)", code=2)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {args.file}")
     try:
@@ -206,8 +208,16 @@ def _read_text(args: argparse.Namespace) -> str:
 def run_score(args: argparse.Namespace) -> int:
     from ..internals import quote_token, score
 
+    if args.stride is not None and args.stride < 1:
+        raise CLIError(f"--stride {args.stride} must be at least 1", code=2)
     text = _read_text(args)
     model, tokenizer = load_model_and_tokenizer(args)
+    n = model.config.n_positions
+    if args.stride is not None and args.stride > n:
+        raise CLIError(f"--stride {args.stride} must be in 1 .. n_positions={n}", code=2)
+    if args.text is not None and len(tokenizer.encode(text)) < 2:  # typed text: a usage error (a file's: 1)
+        raise CLIError(f"TEXT {text!r} is {len(tokenizer.encode(text))} token(s); scoring needs at least 2 tokens",
+                       code=2)
     result = score(model, tokenizer, text, stride=args.stride)
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from ..training import TrainConfig, train
+from ..training import STATE_JSON, TrainConfig, check_resume_source, train
+from . import CLIError
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_RUN_FLAGS: list[str] = []  # the TrainConfig fields set by opt() flags: a resumed run keeps its own
+
+
+def _saved_train_config(out: str) -> dict[str, Any] | None:
+    """The flags of the run saved in ``out`` (None when there is none: train() then says so)."""
+    try:
+        state = json.loads((Path(out).expanduser() / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    saved = state.get("train_config") if isinstance(state, dict) else None
+    return saved if isinstance(saved, dict) else None
 
 
 def register(sub: Any) -> None:
@@ -38,7 +52,10 @@ def register(sub: Any) -> None:
         default = _DEFAULTS[name]
         if default is not None and "default:" not in help_:
             help_ += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
-        p.add_argument(flag, type=type_, default=default, metavar=metavar, help=help_)
+        # absent unless typed, so that --resume can tell a flag the user gave from one left out
+        p.add_argument(flag, type=type_, default=argparse.SUPPRESS, metavar=metavar, help=help_)
+        if name not in _RUN_FLAGS:  # register() runs once per parser built
+            _RUN_FLAGS.append(name)
 
     opt("--steps", int, "optimizer steps to train to", "N")
     opt("--batch-size", int, "rows per micro-batch, over all processes", "B")
@@ -70,8 +87,22 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build the TrainConfig: typed flags, else (with --resume) the saved run's, else defaults."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    values = {k: _DEFAULTS[k] for k in _RUN_FLAGS}
+    if args.resume:
+        saved = _saved_train_config(args.out)
+        if saved is not None:
+            try:
+                check_resume_source(args.model, args.config, saved, args.out)
+            except ValueError as e:
+                raise CLIError(str(e), code=2) from None
+            values.update({k: saved[k] for k in _RUN_FLAGS if k in saved})
+            for k in ("model", "config"):  # the run's own source, for the model card
+                if given.get(k) is None:
+                    given[k] = saved.get(k)
+    cfg = TrainConfig(**{**values, **given})
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""

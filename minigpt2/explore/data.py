@@ -93,8 +93,13 @@ def _integer(param: str, x: Any, low: int, high: int) -> int:
 def check_ids(model: GPT2, input_ids: Any, *, extra: int = 0) -> list[int]:
     """The prompt's token ids, checked: a non-empty list of ids in [0, vocab_size) whose
     length plus ``extra`` new tokens fits in n_positions."""
-    if not isinstance(input_ids, (list, tuple)) or not all(_is_int(i) for i in input_ids):
-        raise BadValue("input_ids", f"input_ids must be a list of token ids, got {type(input_ids).__name__}")
+    if not isinstance(input_ids, (list, tuple)):
+        raise BadValue("input_ids", f"input_ids must be a list of token ids, got {input_ids!r:.40} (type {type(input_ids).__name__})")
+    bad = next((i for i, x in enumerate(input_ids) if not _is_int(x)), None)
+    if bad is not None:
+        x = input_ids[bad]
+        raise BadValue("input_ids", f"input_ids must hold token ids (integers), but input_ids[{bad}] is {x!r:.40} "
+                                    f"(type {type(x).__name__})")
     if not input_ids:
         raise BadValue("input_ids", "input_ids is empty: give at least one token")
     V, n = model.config.vocab_size, model.config.n_positions

@@ -29,7 +29,7 @@ from typing import Any
 
 try:
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import BaseRoute, Mount, Route
     from starlette.staticfiles import StaticFiles
 except ImportError:  # pragma: no cover - the message is the point
@@ -47,6 +47,26 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
     """The JSON error body every endpoint uses (OpenAI's shape)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+async def http_error(request: Request, e: Exception) -> Response:
+    """Starlette's HTTPException (404 no route, 405 wrong method) as the API's JSON error under
+    /api/, so every API answer is {"error": {...}}; pages and static files keep the plain text.
+    ``build_app`` installs it; ``minigpt2 serve`` has its own handler that answers JSON everywhere."""
+    status = getattr(e, "status_code", 500)
+    headers = getattr(e, "headers", None)
+    if not request.url.path.startswith("/api/"):
+        return PlainTextResponse(str(getattr(e, "detail", "")), status_code=status, headers=headers)
+    if status == 404:
+        message = f"unknown route: {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}; use {headers.get('Allow', '?') if headers else '?'}"
+    else:
+        message = str(getattr(e, "detail", "")) or f"HTTP {status}"
+    response = error(status, message)
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 class _Abort(Exception):

@@ -323,6 +323,9 @@ def _read_files_cached(
         bpe = tj.bpe
     elif VOCAB_JSON in keys and MERGES_TXT in keys:
         bpe = _vocab_merges_bpe(keys[VOCAB_JSON], keys[MERGES_TXT])
+    elif VOCAB_JSON in keys or MERGES_TXT in keys:  # half of the slow tokenizer's pair: name the other half
+        have, missing = (VOCAB_JSON, MERGES_TXT) if VOCAB_JSON in keys else (MERGES_TXT, VOCAB_JSON)
+        raise ValueError(f"{source} has {have} but no {missing}: a vocabulary needs both (or tokenizer.json)")
     else:
         have = ", ".join(sorted(keys)) or "no tokenizer file"
         raise ValueError(f"{source} has {have} but no vocabulary: it needs tokenizer.json, or vocab.json + merges.txt")

@@ -439,9 +439,9 @@ class Tokenizer:
         """:meth:`encode` of each text; large batches are split over threads (tiktoken releases
         the GIL while it encodes)."""
         texts = list(texts)
-        for t in texts:
+        for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise TypeError(f"encode_batch expects str items, got {type(t).__name__}")
+                raise TypeError(f"encode_batch expects str items, but texts[{i}] is {t!r:.40} (type {type(t).__name__})")
 
         def run(chunk: list[str]) -> list[list[int]]:
             return [self.encode(t, allowed_special=allowed_special, disallowed_special=disallowed_special) for t in chunk]
@@ -504,8 +504,12 @@ class Tokenizer:
             texts = [text]
         elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
             texts = list(text)
+        elif isinstance(text, (list, tuple)):
+            i, x = next((i, x) for i, x in enumerate(text) if not isinstance(x, str))
+            hint = "; to turn token ids into text use decode / batch_decode" if isinstance(x, int) else ""
+            raise TypeError(f"expected a str or a list of str, but text[{i}] is {x!r:.40} (type {type(x).__name__}){hint}")
         else:
-            raise TypeError(f"expected a str or a list of str, got {type(text).__name__}")
+            raise TypeError(f"expected a str or a list of str, got {text!r:.40} (type {type(text).__name__})")
         side = self.padding_side if padding_side is None else padding_side
         for name, value in (("padding_side", side), ("truncation_side", self.truncation_side)):
             if value not in ("left", "right"):
@@ -592,6 +596,14 @@ class Tokenizer:
         """:meth:`decode` of each row (a list of lists, or a 2-D tensor / array)."""
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
+        if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Iterable):
+            raise TypeError(f"batch_decode takes a list of rows of token ids, got {sequences!r:.40}; "
+                            "use decode for one row")
+        sequences = list(sequences)
+        for i, row in enumerate(sequences):
+            if isinstance(row, int):
+                raise TypeError(f"batch_decode takes a list of rows of token ids, but row {i} is the single id {row}; "
+                                "use decode for one row")
         return [self.decode(row, skip_special_tokens) for row in sequences]
 
     def decode_with_offsets(self, ids: Sequence[int] | Any, skip_special_tokens: bool = False) -> tuple[str, list[int]]:

@@ -62,6 +62,17 @@ function showError(panel, message) {
   if (message) { box.textContent = message; box.hidden = false; } else { box.textContent = ""; box.hidden = true; }
 }
 
+// A seed box's integer. A number box empties itself on text it cannot parse ("?seed=abc"), and
+// Number("") is 0: read what was typed (kept in data-typed by readQuery) and refuse it instead.
+function readSeed(id) {
+  const box = $(id);
+  const text = (box.value === "" ? box.dataset.typed ?? "" : box.value).trim();
+  if (!/^\d+$/.test(text)) {
+    throw new Error(`seed must be an integer >= 0, got ${text === "" ? "an empty box" : JSON.stringify(text)}`);
+  }
+  return Number(text);
+}
+
 function fail(panel, e) {
   if (e?.name === "AbortError") return;
   showError(panel, e?.message ?? String(e));
@@ -295,11 +306,14 @@ async function step(mode) {
     showError("next", e.message);
     return;
   }
-  const seedBox = $("step-seed");
-  const seed = Number(seedBox.value);
-  if (mode === "sample" && (!Number.isInteger(seed) || seed < 0)) {
-    showError("next", `seed must be an integer >= 0, got ${seedBox.value || "an empty box"}`);
-    return;
+  let seed = 0;
+  if (mode === "sample") {
+    try {
+      seed = readSeed("step-seed");
+    } catch (e) {
+      showError("next", e.message);
+      return;
+    }
   }
   for (const b of [$("pick-greedy"), $("pick-sample")]) b.disabled = true;
   $("step-status").textContent = "asking minigpt2\u2026";
@@ -522,11 +536,18 @@ $("sweep-run").addEventListener("click", () => runSweep(state.version));
 async function runSweep(v) {
   stopSweep();
   const n = Number($("sweep-tokens").value);
-  const seed = Number($("sweep-seed").value);
   const box = $("sweep");
   box.replaceChildren();
   delete box.dataset.done;
   showError("sweep", null);
+  let seed;
+  try {
+    seed = readSeed("sweep-seed");
+  } catch (e) {
+    showError("sweep", e.message);
+    box.dataset.done = "true";
+    return;
+  }
   const ctl = new AbortController();
   state.sweepAbort = ctl;
   const t0 = performance.now();
@@ -675,7 +696,14 @@ function readQuery() {
   const q = new URLSearchParams(window.location.search);
   if (q.has("prompt")) $("prompt").value = q.get("prompt");
   if (q.has("tokens")) $("sweep-tokens").value = q.get("tokens");
-  if (q.has("seed")) { $("sweep-seed").value = q.get("seed"); $("step-seed").value = q.get("seed"); }
+  if (q.has("seed")) {
+    for (const id of ["sweep-seed", "step-seed"]) {
+      const box = $(id);
+      box.value = q.get("seed");
+      box.dataset.typed = q.get("seed");  // the box drops text that is not a number: keep it to refuse it
+      box.addEventListener("input", () => delete box.dataset.typed, { once: true });
+    }
+  }
 }
 
 async function start() {
