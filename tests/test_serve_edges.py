@@ -1,0 +1,53 @@
+"""``minigpt2 serve`` at the edges a new user found (issue 15's fresh-clone findings).
+
+The app is served on a thread of this process (localhost, a free port) on a tiny checkpoint;
+each test sends what the tester sent and checks the answer a client should get.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from minigpt2 import GPT2, Tokenizer
+
+pytest.importorskip("fastapi")
+from minigpt2.serve import Engine, create_app  # noqa: E402
+
+from serve_util import ServerThread, http, metric, wait_until  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(gpt2_tiny_vocab_checkpoint: tuple[Path, Any]) -> Path:
+    return gpt2_tiny_vocab_checkpoint[0]
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt: Path) -> Any:
+    model = GPT2.from_pretrained(ckpt, device="cpu")
+    model.generate(torch.tensor([[1, 2]]), max_new_tokens=2)
+    with Engine(model, Tokenizer(), max_batch_size=2) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine) -> Any:
+    with ServerThread(create_app(engine, model_name="tiny")) as s:
+        yield s
+
+
+def complete(server: ServerThread, **body: Any) -> tuple[int, dict]:
+    status, _, raw = http("POST", f"{server.url}/v1/completions", {"model": "tiny", **body})
+    return status, json.loads(raw)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-300, 5e-324, 1e-6])
+def test_a_tiny_temperature_is_greedy(server: ServerThread, temperature: float) -> None:
+    kw = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True, "logprobs": 1}
+    status, body = complete(server, temperature=temperature, **kw)
+    assert status == 200, body
+    assert body["choices"][0] == complete(server, temperature=0, **kw)[1]["choices"][0]
