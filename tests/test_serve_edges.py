@@ -16,6 +16,7 @@ import torch
 from minigpt2 import GPT2, Tokenizer
 
 pytest.importorskip("fastapi")
+from minigpt2.explore.routes import routes  # noqa: E402
 from minigpt2.serve import Engine, create_app  # noqa: E402
 
 from serve_util import ServerThread, http, metric, wait_until  # noqa: E402
@@ -36,7 +37,7 @@ def engine(ckpt: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Any:
-    with ServerThread(create_app(engine, model_name="tiny")) as s:
+    with ServerThread(create_app(engine, model_name="tiny", extra_routes=routes(engine))) as s:
         yield s
 
 
@@ -51,3 +52,15 @@ def test_a_tiny_temperature_is_greedy(server: ServerThread, temperature: float) 
     status, body = complete(server, temperature=temperature, **kw)
     assert status == 200, body
     assert body["choices"][0] == complete(server, temperature=0, **kw)[1]["choices"][0]
+
+
+@pytest.mark.parametrize("where", ["body", "prompt", "unknown field"])
+def test_deeply_nested_json_is_a_400(server: ServerThread, where: str) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    raw = {"body": deep, "prompt": '{"model": "tiny", "prompt": %s}' % deep,
+           "unknown field": '{"model": "tiny", "prompt": "Hi", "extra": %s}' % deep}[where]  # fmt: skip
+    for path in ("/v1/completions", "/api/explore/tokens"):
+        status, _, body = http("POST", server.url + path, raw=raw.encode())
+        assert status == 400, (path, body)
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error" and "not valid JSON" in error["message"], (path, error)

@@ -68,6 +68,8 @@ async def _body(request: Request) -> dict[str, Any]:
         body = json.loads(raw or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _Abort(error(400, f"the body is not valid JSON: {e}")) from None
+    except RecursionError:  # nesting deeper than Python's stack (json's C decoder recurses)
+        raise _Abort(error(400, "the body is not valid JSON: nested too deeply")) from None
     if not isinstance(body, dict):
         raise _Abort(error(400, f"the body must be a JSON object, got {type(body).__name__}"))
     return body

@@ -149,6 +149,8 @@ def create_app(
             data = json.loads(raw)
         except ValueError as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # nesting deeper than Python's stack (json's C decoder recurses)
+            raise APIError(400, "the body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
@@ -156,6 +158,8 @@ def create_app(
         except ValidationError as e:
             message, param = protocol.validation_error(e)
             raise APIError(400, message, param=param) from None
+        except RecursionError:
+            raise APIError(400, "the body is not valid JSON: nested too deeply") from None
         if body.model != model_name:
             raise APIError(404, f"The model `{body.model}` does not exist", param="model", code="model_not_found")
         n, stream = body.n or 1, bool(body.stream)
