@@ -7,6 +7,8 @@ each test sends what the tester sent and checks the answer a client should get.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,28 @@ def test_deeply_nested_json_is_a_400(server: ServerThread, where: str) -> None:
         assert status == 400, (path, body)
         error = json.loads(body)["error"]
         assert error["type"] == "invalid_request_error" and "not valid JSON" in error["message"], (path, error)
+
+
+def test_a_whole_response_stops_when_its_client_goes_away(server: ServerThread, engine: Engine,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    real = engine.runner.decode
+
+    def slow(*a: Any, **kw: Any) -> Any:  # a token every 20 ms: the request would take 5 s
+        time.sleep(0.02)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine.runner, "decode", slow)
+    n, max_tokens = 2, 250
+    before = metric(server.url, "minigpt2_completion_tokens_total")
+    body = json.dumps({"model": "tiny", "prompt": "Hi", "n": n, "max_tokens": max_tokens, "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        assert wait_until(lambda: metric(server.url, "minigpt2_running_sequences") == n, 10)
+        time.sleep(0.2)
+    closed = time.monotonic()
+    assert wait_until(lambda: metric(server.url, "minigpt2_running_sequences") == 0, 10)
+    assert time.monotonic() - closed < 2.0  # the poll interval (0.5 s) and a step, not the 5 s left
+    made = metric(server.url, "minigpt2_completion_tokens_total") - before
+    assert 0 < made < n * max_tokens

@@ -237,17 +237,22 @@ class _Reply:
 
     async def outputs(self, request: Request | None = None) -> AsyncIterator[Output]:
         """Every output until each sequence has finished (or an ErrorOutput). With ``request``,
-        a client that went away is noticed while waiting, and the job dropped."""
+        the client is checked every DISCONNECT_POLL_SECONDS whether outputs arrive or not (a
+        busy request gets outputs all the time), and the job dropped once it went away."""
         live = len(self.job.sequences)
+        next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
         while live and not self.complete:
+            outs: list[Output] | None = None
             try:
                 outs = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS) if request else await self.queue.get()
             except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11)
+                pass
+            if request is not None and (outs is None or time.monotonic() >= next_check):
+                next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
                 if await request.is_disconnected():
                     self.engine.abort(self.job)
                     return
-                continue
-            for o in outs:
+            for o in outs or ():
                 self._observe(o)
                 if isinstance(o, ErrorOutput):
                     self.complete = True
