@@ -91,3 +91,12 @@ def test_a_whole_response_stops_when_its_client_goes_away(server: ServerThread, 
     assert time.monotonic() - closed < 2.0  # the poll interval (0.5 s) and a step, not the 5 s left
     made = metric(server.url, "minigpt2_completion_tokens_total") - before
     assert 0 < made < n * max_tokens
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1"])
+def test_a_port_out_of_range_is_one_line(ckpt: Path, port: str, capsys: pytest.CaptureFixture) -> None:
+    from minigpt2.cli import main
+
+    assert main(["serve", "--model", str(ckpt), "--port", port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("minigpt2") and "--port" in err[-1] and "Traceback" not in "".join(err), err

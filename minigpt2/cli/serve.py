@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default: 8000; 0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 0-65535 (default: 8000; 0: any free port)")
     p.add_argument("--max-batch-size", type=_int_at_least(1), default=16, metavar="N",
                    help="sequences decoded together, i.e. KV cache slots (default: 16)")
     p.add_argument("--max-queue", type=_int_at_least(1), default=256, metavar="N",
@@ -50,6 +50,17 @@ def register(sub: Any) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send (default: the --model value)")
     p.set_defaults(func=run_serve)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535 (socket.bind raises OverflowError past it)."""
+    port = _int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {text}")
+    return port
+
+
+_port.__name__ = "port"
 
 
 def explorer_routes(engine: Any) -> list:
