@@ -100,3 +100,22 @@ def test_a_port_out_of_range_is_one_line(ckpt: Path, port: str, capsys: pytest.C
     assert main(["serve", "--model", str(ckpt), "--port", port]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("minigpt2") and "--port" in err[-1] and "Traceback" not in "".join(err), err
+
+
+@pytest.mark.parametrize("prompt, names", [
+    (["a", 5], ["prompt[1]", "5 (an integer)"]),
+    ([True, False], ["prompt[0]", "true (a boolean)"]),
+    ([1.0, 2.0], ["prompt[0]", "1.0 (a number)"]),
+    ([[[1]]], ["prompt[0][0]", "[1] (a list)"]),
+    ([[1, 2], 3], ["prompt[1]", "3 (an integer)"]),
+    ([], ["empty list"]),
+])  # fmt: skip
+def test_a_bad_prompt_names_its_bad_element(server: ServerThread, prompt: Any, names: list[str]) -> None:
+    status, body = complete(server, prompt=prompt, max_tokens=1)
+    assert status == 400 and body["error"]["param"] == "prompt", body
+    message = body["error"]["message"]
+    assert all(name in message for name in names), message
+    if names != ["empty list"]:
+        assert "empty" not in message, message
+    if len(names) > 1 and "[0][0]" not in names[0]:
+        assert "a string, a list of strings, a list of token ids" in message, message

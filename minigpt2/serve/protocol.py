@@ -9,6 +9,7 @@ field is refused, as OpenAI refuses it. ``sampling_params`` maps a request onto 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -21,8 +22,20 @@ MAX_STOP = 4  # OpenAI: "Up to 4 sequences where the API will stop generating"
 INT64 = 2**63
 
 
+PROMPT_FORMS = "a prompt is a string, a list of strings, a list of token ids (integers), or a list of such lists"
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _json_kind(x: Any) -> str:
+    """``x`` as a client wrote it, and its JSON type: '5 (a number)', 'true (a boolean)'."""
+    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "a list"), (dict, "an object"), (type(None), "null")]  # fmt: skip
+    kind = next((k for t, k in kinds if isinstance(x, t)), type(x).__name__)
+    text = json.dumps(x) if kind != type(x).__name__ else repr(x)
+    return kind if x is None else f"{text[:40]}{'...' if len(text) > 40 else ''} ({kind})"
 
 
 class StreamOptions(BaseModel):
@@ -64,24 +77,36 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> list[str | list[int]]:
-        """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
+        """A string, a list of strings, a list of token ids, or a list of lists of token ids;
+        a ValueError names the first element that is none of these."""
         if isinstance(v, str):
             return [v]
-        if isinstance(v, list) and v:
-            if all(isinstance(x, str) for x in v):
-                return v
-            if all(_is_int(x) for x in v):
-                return [v]
-            if all(isinstance(x, list) and all(_is_int(t) for t in x) for x in v):
-                for i, x in enumerate(v):
-                    if not x:
-                        raise ValueError(f"prompt[{i}] is an empty list of token ids")
-                return v
-        if isinstance(v, list):
-            raise ValueError("prompt is an empty list")
-        raise ValueError(
-            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
-        )
+        if not isinstance(v, list):
+            raise ValueError(f"prompt is {_json_kind(v)}: {PROMPT_FORMS}")
+        if not v:
+            raise ValueError(f"prompt is an empty list: {PROMPT_FORMS}")
+        first = v[0]
+        if isinstance(first, str):
+            kind, ok = "a list of strings", lambda x: isinstance(x, str)
+        elif _is_int(first):
+            kind, ok = "a list of token ids", _is_int
+        elif isinstance(first, list):
+            kind, ok = "a list of lists of token ids", lambda x: isinstance(x, list)
+        else:
+            raise ValueError(f"prompt[0] is {_json_kind(first)}: {PROMPT_FORMS}")
+        for i, x in enumerate(v):
+            if not ok(x):
+                raise ValueError(f"prompt[{i}] is {_json_kind(x)} in what began as {kind}: {PROMPT_FORMS}")
+        if _is_int(first):
+            return [v]
+        if isinstance(first, list):
+            for i, ids in enumerate(v):
+                if not ids:
+                    raise ValueError(f"prompt[{i}] is an empty list of token ids")
+                for j, t in enumerate(ids):
+                    if not _is_int(t):
+                        raise ValueError(f"prompt[{i}][{j}] is {_json_kind(t)}: a token id is an integer")
+        return v
 
     @field_validator("stop", mode="after")
     @classmethod
