@@ -119,3 +119,20 @@ def test_a_bad_prompt_names_its_bad_element(server: ServerThread, prompt: Any, n
         assert "empty" not in message, message
     if len(names) > 1 and "[0][0]" not in names[0]:
         assert "a string, a list of strings, a list of token ids" in message, message
+
+
+@pytest.mark.parametrize("kw, param, words, absent", [
+    (dict(stop=5), "stop", ["stop is 5 (an integer)"], ["stop.str"]),
+    (dict(stop=["a", 5]), "stop", ["stop[1] is 5"], ["stop.list"]),
+    (dict(prompt=[7] * 300), "prompt", ["300 tokens", "n_positions=256"], ["max_tokens"]),
+    (dict(prompt=[7] * 250), "max_tokens", ["250 tokens", "max_tokens=16"], []),
+    (dict(prompt=["a"] * 1000), "prompt", ["1000 prompts", "queue of 256"], ["best_of", "n="]),
+    (dict(prompt=["a"] * 60, n=5), "n", ["n=5", "300 sequences"], ["best_of"]),
+    (dict(prompt=["a"] * 60, best_of=5), "best_of", ["best_of=5"], ["n="]),
+])  # fmt: skip
+def test_an_error_names_the_field_the_client_sent(server: ServerThread, kw: dict, param: str, words: list[str],
+                                                  absent: list[str]) -> None:  # fmt: skip
+    status, body = complete(server, **{"prompt": "Hi", **kw})
+    assert status == 400 and body["error"]["param"] == param, body
+    message = body["error"]["message"]
+    assert all(w in message for w in words) and not any(w in message for w in absent), message

@@ -165,6 +165,7 @@ def create_app(
         n, stream = body.n or 1, bool(body.stream)
         best_of = body.best_of or n
         _check_combinations(body, n, best_of, stream)
+        _check_queue(body, n, best_of, engine.scheduler.max_queue)
         params = protocol.sampling_params(body)
         prompts = await run_in_threadpool(_encode, engine, body.prompt)
 
@@ -211,6 +212,18 @@ def _check_combinations(body: protocol.CompletionRequest, n: int, best_of: int, 
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if (body.min_tokens or 0) > max_tokens:
         raise APIError(400, f"min_tokens={body.min_tokens} must be <= max_tokens={max_tokens}", param="min_tokens")
+
+
+def _check_queue(body: protocol.CompletionRequest, n: int, best_of: int, max_queue: int) -> None:
+    """The engine's own check that a request fits the queue, in the fields the client sent."""
+    prompts = len(body.prompt)
+    if prompts * best_of <= max_queue:
+        return
+    if best_of == 1:
+        raise APIError(400, f"{prompts} prompts exceed the queue of {max_queue}: send at most {max_queue}", param="prompt")
+    name = "best_of" if body.best_of is not None else "n"
+    raise APIError(400, f"{prompts} prompt(s) x {name}={best_of} = {prompts * best_of} sequences exceed the queue "
+                   f"of {max_queue}", param=name)  # fmt: skip
 
 
 def _encode(engine: Engine, prompts: list[str | list[int]]) -> list[list[int]]:

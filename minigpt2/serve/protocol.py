@@ -108,10 +108,20 @@ class CompletionRequest(BaseModel):
                         raise ValueError(f"prompt[{i}][{j}] is {_json_kind(t)}: a token id is an integer")
         return v
 
-    @field_validator("stop", mode="after")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
+    def _stop(cls, v: Any) -> str | list[str] | None:
+        """A string or a list of up to MAX_STOP non-empty strings (checked here, not by the
+        union type, whose errors would name its branch: ``stop.str``)."""
+        if v is None or isinstance(v, str):
+            stops = [] if v is None else [v]
+        elif isinstance(v, list):
+            stops = v
+            for i, s in enumerate(v):
+                if not isinstance(s, str):
+                    raise ValueError(f"stop[{i}] is {_json_kind(s)}: a stop sequence is a string")
+        else:
+            raise ValueError(f"stop is {_json_kind(v)}: stop must be a string or a list of up to {MAX_STOP} strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
