@@ -136,3 +136,17 @@ def test_an_error_names_the_field_the_client_sent(server: ServerThread, kw: dict
     assert status == 400 and body["error"]["param"] == param, body
     message = body["error"]["message"]
     assert all(w in message for w in words) and not any(w in message for w in absent), message
+
+
+def test_cors_headers_reach_every_answer_a_401_too(engine: Engine) -> None:
+    origin = "http://example.com"
+    app = create_app(engine, model_name="tiny", api_key="K", cors_origin=origin)
+    with ServerThread(app) as s:
+        for headers, want in [({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "Bearer K"}, 200)]:
+            status, got, _ = http("GET", f"{s.url}/v1/models", headers={"Origin": origin, **headers})
+            assert status == want and {k.lower(): v for k, v in got.items()}.get("access-control-allow-origin") == origin
+        pre = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        status, got, body = http("OPTIONS", f"{s.url}/v1/completions", headers=pre)
+        assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in got}
+        error = json.loads(body)["error"]
+        assert "origin" in error["message"] and error["type"] == "invalid_request_error"

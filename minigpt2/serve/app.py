@@ -81,7 +81,7 @@ def create_app(
     metrics = Metrics(engine)
     app = _App(title="minigpt2 serve", version=__version__, max_body_size=MAX_BODY_BYTES)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
-    app.state.api_key = api_key
+    app.state.api_key, app.state.cors_origin = api_key, cors_origin
     created = protocol.now()
 
     # ------------------------------------------------------------------ errors
@@ -192,9 +192,6 @@ def create_app(
 
     app.include_router(v1)
     app.router.routes.extend(extra_routes)
-    if cors_origin:
-        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     return app
 
 
@@ -335,14 +332,31 @@ def _sse(obj: dict) -> bytes:
 
 class _App(FastAPI):
     """FastAPI with pure ASGI layers outside its whole stack: the status counter (so it counts
-    every answer), the API key check (so nothing is read or parsed for a client without the
-    key) and the declared-size check (before FastAPI's own body limit)."""
+    every answer), CORS (so that every answer, a 401 too, carries its headers: a browser shows
+    a page the error instead of a CORS failure), the API key check (so nothing is read or
+    parsed for a client without the key) and the declared-size check (before FastAPI's own
+    body limit)."""
 
     def build_middleware_stack(self) -> ASGIApp:
         inner = _DeclaredTooLarge(super().build_middleware_stack())
         if self.state.api_key is not None:
             inner = _RequireKey(inner, self.state.api_key)
+        if self.state.cors_origin:
+            inner = _CORS(inner, allow_origins=[self.state.cors_origin], allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"])  # fmt: skip
         return _CountStatus(inner, self.state.metrics)
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, with OpenAI's error body for a refused preflight (not plain text)."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return APIError(400, f"{response.body.decode()} for this server (--cors-origin)", code="cors_refused",
+                        headers=headers).response()  # fmt: skip
 
 
 PROTECTED = ("/v1/", "/api/")  # what --api-key guards: every route that runs the model
