@@ -150,3 +150,43 @@ def test_cors_headers_reach_every_answer_a_401_too(engine: Engine) -> None:
         assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in got}
         error = json.loads(body)["error"]
         assert "origin" in error["message"] and error["type"] == "invalid_request_error"
+
+
+def _stream(server: ServerThread, **body: Any) -> tuple[str, dict]:
+    """The text and the log-prob fields of a streamed one-choice completion, joined."""
+    _, _, raw = http("POST", f"{server.url}/v1/completions", {"model": "tiny", "stream": True, **body})
+    text, lp = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for line in raw.decode().splitlines():
+        if line.startswith("data: {"):
+            choice = json.loads(line[6:])["choices"][0]
+            text += choice["text"]
+            for key, values in (choice["logprobs"] or {}).items():
+                lp[key] += values
+    return text, lp
+
+
+@pytest.mark.parametrize("span", [1, 3])  # the stop string ends in the next token / three tokens on
+@pytest.mark.parametrize("echo", [False, True])
+def test_logprobs_end_with_the_token_that_holds_a_stop_string_cut(server: ServerThread, span: int, echo: bool) -> None:
+    kw = {"prompt": "The meaning of life is", "temperature": 0, "logprobs": 1, "ignore_eos": True, "echo": echo}
+    _, full = complete(server, max_tokens=24, **kw)
+    text, lp = full["choices"][0]["text"], full["choices"][0]["logprobs"]
+    offsets = lp["text_offset"]
+    start = len(lp["tokens"]) - 24  # the first generated token's index (after the prompt's with echo)
+    # A stop string that begins inside generated token k (after its first character) and ends
+    # inside token k + span: the text is cut inside token k.
+    for k in range(start, len(offsets) - span - 1):
+        cut = offsets[k] + 1
+        if offsets[k + 1] - offsets[k] >= 2 and offsets[k + span] + 1 > cut:
+            stop = text[cut : offsets[k + span] + 1]
+            if text.find(stop, offsets[start]) == cut:
+                break
+    else:
+        pytest.skip("no token of two characters or more in this output")
+    for got_text, got in [(c["text"], c["logprobs"]) for c in complete(server, max_tokens=24, stop=[stop], **kw)[1]["choices"]] + [
+        _stream(server, max_tokens=24, stop=[stop], **kw)
+    ]:  # fmt: skip
+        assert got_text == text[:cut]
+        assert got["tokens"] == lp["tokens"][: k + 1]  # the token holding the cut is the last one
+        assert got["text_offset"] == offsets[: k + 1] and max(got["text_offset"]) < len(got_text)
+        assert got["token_logprobs"] == lp["token_logprobs"][: k + 1]

@@ -370,7 +370,7 @@ class Engine:
             top.setdefault(self.strings.string(token), pick.logprob)  # OpenAI: up to logprobs + 1
         output = TokenOutput(
             seq.index, token, self.strings.string(token), detok.release(final=reason is not None), offset,
-            pick.logprob, top, reason,
+            pick.logprob, top, reason, detok.stop_reason,
         )  # fmt: skip
         if reason is not None:
             self._free(seq, reason)

@@ -198,11 +198,20 @@ def now() -> int:
 
 
 class Choice:
-    """One choice being assembled from the engine's outputs (text, log-probs, finish_reason)."""
+    """One choice being assembled from the engine's outputs (text, log-probs, finish_reason).
+
+    The log-probs follow the text: a token's entry goes out once the text where it starts
+    has (its ``text_offset`` is below the characters released), so a token whose text is
+    held back (it may begin a stop string) waits. When a stop string cuts the text, the
+    tokens that start at or after the cut are dropped and the one that holds the cut is
+    kept: every ``text_offset`` points into the returned text, and the tokens cover it.
+    """
 
     def __init__(self, index: int, logprobs: bool) -> None:
         self.index = index
         self.text: list[str] = []
+        self.chars = 0  # characters of the text so far
+        self.pending: list[tuple[str, float | None, dict | None, int]] = []  # entries not yet out
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if logprobs else None
         self.finish_reason: str | None = None
         self.num_tokens = 0
@@ -210,8 +219,9 @@ class Choice:
 
     def add(self, o: PromptOutput | TokenOutput) -> dict | None:
         """Take one output; return its log-prob fields (for a stream chunk), or None."""
+        self.text.append(o.text)
+        self.chars += len(o.text)
         if isinstance(o, PromptOutput):
-            self.text.append(o.text)
             if self.logprobs is None:
                 return None
             part = {
@@ -221,16 +231,25 @@ class Choice:
                 "text_offset": o.text_offset,
             }
         else:
-            self.text.append(o.text)
             self.finish_reason = o.finish_reason
-            if o.token_id is None:
-                return None
-            self.num_tokens += 1
-            self.sum_logprob += o.logprob or 0.0
+            if o.token_id is not None:
+                self.num_tokens += 1
+                self.sum_logprob += o.logprob or 0.0
             if self.logprobs is None:
                 return None
-            part = {"tokens": [o.token], "token_logprobs": [o.logprob], "top_logprobs": [o.top_logprobs],
-                    "text_offset": [o.text_offset]}  # fmt: skip
+            if o.token_id is not None:
+                self.pending.append((o.token, o.logprob, o.top_logprobs, o.text_offset))
+            ready = 0
+            while ready < len(self.pending) and self.pending[ready][3] < self.chars:
+                ready += 1
+            out = self.pending[:ready]
+            if o.finish_reason is not None and o.stop_reason is None:
+                out = self.pending  # EOS or length: nothing was cut, every token counts
+            self.pending = [] if o.finish_reason is not None else self.pending[ready:]
+            if not out:
+                return None
+            part = {"tokens": [e[0] for e in out], "token_logprobs": [e[1] for e in out],
+                    "top_logprobs": [e[2] for e in out], "text_offset": [e[3] for e in out]}  # fmt: skip
         for key, values in part.items():
             self.logprobs[key].extend(values)
         return part

@@ -196,6 +196,7 @@ class TokenOutput:
     ``text`` can be "" (an incomplete UTF-8 character, a possible start of a stop string held
     back, an EOS); it holds the rest of the text when ``finish_reason`` is set. ``token`` is the
     token as OpenAI spells it (see detokenizer.py); log-probs are None unless asked for.
+    ``stop_reason``: the stop string that cut the text, on the last output (vLLM's field).
     """
 
     index: int
@@ -206,6 +207,7 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: dict[str, float] | None = None
     finish_reason: str | None = None
+    stop_reason: str | None = None
 
 
 @dataclass
