@@ -190,3 +190,24 @@ def test_logprobs_end_with_the_token_that_holds_a_stop_string_cut(server: Server
         assert got["tokens"] == lp["tokens"][: k + 1]  # the token holding the cut is the last one
         assert got["text_offset"] == offsets[: k + 1] and max(got["text_offset"]) < len(got_text)
         assert got["token_logprobs"] == lp["token_logprobs"][: k + 1]
+
+
+def test_a_sweep_cut_by_shutdown_logs_one_line(ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from http.client import HTTPConnection
+
+    model = GPT2.from_pretrained(ckpt, device="cpu")
+    with Engine(model, Tokenizer(), max_batch_size=2) as own:
+        with ServerThread(create_app(own, model_name="tiny", extra_routes=routes(own))) as s:
+            host, port = s.url.removeprefix("http://").split(":")
+            conn = HTTPConnection(host, int(port), timeout=30)
+            conn.request("POST", "/api/explore/strategies", json.dumps({"input_ids": [464, 3616], "max_new_tokens": 200}),
+                         {"Content-Type": "application/json"})  # fmt: skip
+            response = conn.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"event: columns")
+            with caplog.at_level("WARNING"):
+                own.shutdown(timeout=5)  # what SIGTERM does first
+                rest = response.read().decode()
+            conn.close()
+    assert "event: error" in rest and "shutting_down" in rest
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert any("shut" in r.getMessage() for r in caplog.records)

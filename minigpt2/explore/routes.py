@@ -35,6 +35,7 @@ try:
 except ImportError:  # pragma: no cover - the message is the point
     raise ImportError("the explorer needs starlette and uvicorn: pip install 'minigpt2[serve]'") from None
 
+from ..serve.engine import EngineClosed
 from . import STATIC_DIR, data
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def _failure(e: BaseException) -> JSONResponse:
         return error(400, str(e), e.param)
     if isinstance(e, ValueError):
         return error(400, str(e))
+    if isinstance(e, EngineClosed):  # the server is stopping (SIGTERM): expected, no traceback
+        logger.warning("explorer request ended: %s", e)
+        return error(503, str(e), code="shutting_down")
     logger.exception("explorer request failed")
     return error(500, f"the model call failed: {type(e).__name__}: {e}")
 
