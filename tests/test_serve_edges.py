@@ -211,3 +211,31 @@ def test_a_sweep_cut_by_shutdown_logs_one_line(ckpt: Path, caplog: pytest.LogCap
     assert "event: error" in rest and "shutting_down" in rest
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     assert any("shut" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["--model"]),
+    (["--api-key", ""], ["--api-key", "empty"]),
+    (["--api-key", "  "], ["--api-key", "empty"]),
+    (["--host", "999.1.1.1"], ["cannot listen on 999.1.1.1"]),
+    (["--max-batch-size", "10000000"], ["--max-batch-size 10000000", "bytes"]),
+])  # fmt: skip
+def test_startup_mistakes_are_one_line(ckpt: Path, args: list[str], words: list[str],
+                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from minigpt2.cli import main
+
+    model = [] if args == [] else ["--model", str(ckpt)]
+    assert main(["serve", *model, *args]) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minigpt2") and "error" in err[0], err  # no warning first
+    assert all(w in err[0] for w in words), err
+
+
+def test_the_kv_cache_size_is_in_mib_below_a_gib(ckpt: Path) -> None:
+    from minigpt2.cli.serve import kv_cache_bytes, memory_text
+
+    model = GPT2.from_pretrained(ckpt, device="cpu")
+    with Engine(model, Tokenizer(), max_batch_size=3) as e:
+        assert kv_cache_bytes(model.config, 3, 4) == e.runner.memory_bytes  # the formula the check uses
+    assert memory_text(e.runner.memory_bytes) == f"{e.runner.memory_bytes / 2**20:.1f} MiB" != "0.0 MiB"
+    assert memory_text(3 * 2**30) == "3.00 GiB"
