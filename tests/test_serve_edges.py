@@ -7,6 +7,7 @@ each test sends what the tester sent and checks the answer a client should get.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -239,3 +240,15 @@ def test_the_kv_cache_size_is_in_mib_below_a_gib(ckpt: Path) -> None:
         assert kv_cache_bytes(model.config, 3, 4) == e.runner.memory_bytes  # the formula the check uses
     assert memory_text(e.runner.memory_bytes) == f"{e.runner.memory_bytes / 2**20:.1f} MiB" != "0.0 MiB"
     assert memory_text(3 * 2**30) == "3.00 GiB"
+
+
+def test_no_api_docs_and_the_step_count_is_a_counter(engine: Engine) -> None:
+    with ServerThread(create_app(engine, model_name="tiny", api_key="K")) as s:
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+            assert http("GET", s.url + path)[0] == 404, path
+        _, _, text = http("GET", f"{s.url}/metrics")
+        assert re.search(r"^# TYPE minigpt2_engine_steps(_total)? counter$", text.decode(), re.M)
+        before = metric(s.url, "minigpt2_engine_steps_total")
+        assert http("POST", f"{s.url}/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3},
+                    headers={"Authorization": "Bearer K"})[0] == 200  # fmt: skip
+        assert metric(s.url, "minigpt2_engine_steps_total") >= before + 3

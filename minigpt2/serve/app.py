@@ -79,7 +79,10 @@ def create_app(
     extra_routes: Starlette routes / mounts added after the API's (the explorer page).
     """
     metrics = Metrics(engine)
-    app = _App(title="minigpt2 serve", version=__version__, max_body_size=MAX_BODY_BYTES)
+    # No /docs, /redoc, /openapi.json: Swagger UI loads from a CDN (dead offline), and they
+    # would be open even with an API key; the README documents the API.
+    app = _App(title="minigpt2 serve", version=__version__, max_body_size=MAX_BODY_BYTES, docs_url=None,
+               redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
     app.state.api_key, app.state.cors_origin = api_key, cors_origin
     created = protocol.now()
@@ -135,10 +138,7 @@ def create_app(
             raise APIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
         return model_card
 
-    schema = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": protocol.CompletionRequest.model_json_schema()}}}}  # fmt: skip
-
-    @v1.post("/completions", openapi_extra=schema)
+    @v1.post("/completions")
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
         # The body is JSON whatever the Content-Type says (``curl -d`` sends a form type).
@@ -365,7 +365,7 @@ PROTECTED = ("/v1/", "/api/")  # what --api-key guards: every route that runs th
 class _RequireKey:
     """401 for an API request (/v1, and the explorer's /api) without ``Authorization: Bearer
     <key>``, before anything else (the body is not even read), the key compared in constant
-    time. Pages and static files (/explore, /health, /docs) hold no model output: they stay
+    time. Pages and static files (/explore, /health) hold no model output: they stay
     open, and the explorer page sends the key on its own API calls."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
