@@ -252,3 +252,20 @@ def test_no_api_docs_and_the_step_count_is_a_counter(engine: Engine) -> None:
         body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
         assert http("POST", f"{s.url}/v1/completions", body, headers={"Authorization": "Bearer K"})[0] == 200
         assert metric(s.url, "minigpt2_engine_steps_total") >= before + 3  # the prefill makes the first token
+
+
+@pytest.mark.parametrize("path, body, unknown", [
+    ("/api/explore/strategies", {"input_ids": [464], "tokens": 100000}, "tokens"),
+    ("/api/explore/next", {"input_ids": [464], "temprature": 0.5}, "temprature"),
+    ("/api/explore/tokens", {"prompt": "Hi", "input_id": [1]}, "input_id"),
+    ("/api/explore/step", {"input_ids": [464], "mode": "greedy", "sed": 1}, "sed"),
+    ("/api/explore/attention", {"input_ids": [464], "layer": 0, "head": 1}, "head"),
+    ("/api/explore/lens", {"input_ids": [464], "top_k": 3}, "top_k"),
+])  # fmt: skip
+def test_the_explorer_api_refuses_unknown_fields(server: ServerThread, path: str, body: dict, unknown: str) -> None:
+    status, _, raw = http("POST", server.url + path, body)
+    assert status == 400, raw
+    error = json.loads(raw)["error"]
+    assert error["param"] == unknown and unknown in error["message"], error
+    known = {k: v for k, v in body.items() if k != unknown}
+    assert http("POST", server.url + path, known)[0] == 200  # the same body without it works
