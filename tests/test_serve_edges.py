@@ -269,3 +269,15 @@ def test_the_explorer_api_refuses_unknown_fields(server: ServerThread, path: str
     assert error["param"] == unknown and unknown in error["message"], error
     known = {k: v for k, v in body.items() if k != unknown}
     assert http("POST", server.url + path, known)[0] == 200  # the same body without it works
+
+
+@pytest.mark.parametrize("depth", [900, 990])  # under json's limit, deep enough for anything that recurses
+def test_nesting_just_under_the_json_limit_is_a_400_everywhere(server: ServerThread, depth: int) -> None:
+    deep = "[" * depth + "]" * depth
+    for path, body in [("/v1/completions", '{"model": "tiny", "prompt": %s}'),
+                       ("/v1/completions", '{"model": "tiny", "prompt": "Hi", "stop": %s}'),
+                       ("/api/explore/next", '{"input_ids": %s}'), ("/api/explore/tokens", '{"input_ids": %s}'),
+                       ("/api/explore/attention", '{"input_ids": [464], "layer": %s}'),
+                       ("/api/explore/step", '{"input_ids": [464], "mode": "sample", "settings": {"top_k": %s}}')]:  # fmt: skip
+        status, _, raw = http("POST", server.url + path, raw=(body % deep).encode())
+        assert status == 400, (path, raw[:300])
