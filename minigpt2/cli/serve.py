@@ -149,6 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
             engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                             batch_invariant=args.batch_invariant, name=name)  # fmt: skip
         except (MemoryError, RuntimeError) as e:  # the allocator said no after all
+            if not isinstance(e, MemoryError) and not any(w in str(e).lower() for w in ("alloc", "out of memory")):
+                raise
             raise CLIError(f"--max-batch-size {args.max_batch_size}: cannot allocate its KV cache "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None  # fmt: skip
     except BaseException:

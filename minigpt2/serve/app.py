@@ -165,7 +165,7 @@ def create_app(
         n, stream = body.n or 1, bool(body.stream)
         best_of = body.best_of or n
         _check_combinations(body, n, best_of, stream)
-        _check_queue(body, n, best_of, engine.scheduler.max_queue)
+        _check_queue(body, best_of, engine.scheduler.max_queue)
         params = protocol.sampling_params(body)
         prompts = await run_in_threadpool(_encode, engine, body.prompt)
 
@@ -211,7 +211,7 @@ def _check_combinations(body: protocol.CompletionRequest, n: int, best_of: int, 
         raise APIError(400, f"min_tokens={body.min_tokens} must be <= max_tokens={max_tokens}", param="min_tokens")
 
 
-def _check_queue(body: protocol.CompletionRequest, n: int, best_of: int, max_queue: int) -> None:
+def _check_queue(body: protocol.CompletionRequest, best_of: int, max_queue: int) -> None:
     """The engine's own check that a request fits the queue, in the fields the client sent."""
     prompts = len(body.prompt)
     if prompts * best_of <= max_queue:
