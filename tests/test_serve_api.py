@@ -390,9 +390,13 @@ def test_public_host_warns_and_a_taken_port_is_one_line(ckpt: Path, capsys: pyte
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["serve", "--model", str(ckpt), "--host", "0.0.0.0", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # bound first: a failed bind is the only line
+    assert err[0].startswith("minigpt2: error: cannot listen on 0.0.0.0:") and len(err) == 1
+    # Once bound, the warning comes (before the model loads; here a batch too large then stops it).
+    assert main(["serve", "--model", str(ckpt), "--host", "0.0.0.0", "--port", "0", "--max-batch-size", "10000000"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "without --api-key" in err[0] and "warning" in err[0]
-    assert err[1].startswith("minigpt2: error: cannot listen on 0.0.0.0:") and len(err) == 2
+    assert err[1].startswith("minigpt2: error: --max-batch-size") and len(err) == 2
 
 
 def test_importing_minigpt2_or_its_engine_loads_no_web_stack() -> None:

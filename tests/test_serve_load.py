@@ -107,7 +107,7 @@ def test_32_streaming_clients_each_get_what_generate_makes_alone(server: ServerP
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    steps_before = metric(server.url, "minigpt2_engine_steps")
+    steps_before = metric(server.url, "minigpt2_engine_steps_total")
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
@@ -127,7 +127,7 @@ def test_32_streaming_clients_each_get_what_generate_makes_alone(server: ServerP
         want = tok.decode([t for t in new if t != tok.eos_token_id])
         assert results[i] == (want, "stop" if tok.eos_token_id in new else "length"), (i, kw)
     # Continuous batching: far fewer model steps than tokens made.
-    assert metric(server.url, "minigpt2_engine_steps") - steps_before < tokens / 2
+    assert metric(server.url, "minigpt2_engine_steps_total") - steps_before < tokens / 2
     assert metric(server.url, "minigpt2_running_sequences") == 0
 
 

@@ -34,10 +34,14 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(message, code=2)
 
 
-def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
-    """--model, --device (and --dtype): every command takes the checkpoint the same way."""
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
-                   help=f"Hub repo id or local checkpoint directory (default: {DEFAULT_MODEL})")
+def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, model_required: bool = False) -> None:
+    """--model, --device (and --dtype): every command takes the checkpoint the same way
+    (``model_required``: no default, for a command that should not quietly serve gpt2)."""
+    if model_required:
+        p.add_argument("--model", required=True, metavar="NAME_OR_PATH", help="Hub repo id or local checkpoint directory")
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
+                       help=f"Hub repo id or local checkpoint directory (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     if dtype:
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

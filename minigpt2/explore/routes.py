@@ -35,6 +35,7 @@ try:
 except ImportError:  # pragma: no cover - the message is the point
     raise ImportError("the explorer needs starlette and uvicorn: pip install 'minigpt2[serve]'") from None
 
+from ..serve.engine import EngineClosed
 from . import STATIC_DIR, data
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,10 @@ class _Abort(Exception):
         self.response = response
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    """The request's JSON object (413 past MAX_BODY, 400 when not a JSON object)."""
+async def _body(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The request's JSON object (413 past MAX_BODY, 400 when not a JSON object or when it has
+    a field outside ``fields``: a misspelt one would otherwise be silently ignored, as /v1
+    refuses it too)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY:
         raise _Abort(error(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY} bytes"))
@@ -88,8 +91,14 @@ async def _body(request: Request) -> dict[str, Any]:
         body = json.loads(raw or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _Abort(error(400, f"the body is not valid JSON: {e}")) from None
+    except RecursionError:  # nesting deeper than Python's stack (json's C decoder recurses)
+        raise _Abort(error(400, "the body is not valid JSON: nested too deeply")) from None
     if not isinstance(body, dict):
         raise _Abort(error(400, f"the body must be a JSON object, got {type(body).__name__}"))
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        message = f"Unrecognized request argument supplied: {', '.join(unknown)} ({request.url.path} takes {', '.join(fields)})"
+        raise _Abort(error(400, message, param=unknown[0]))
     return body
 
 
@@ -98,6 +107,9 @@ def _failure(e: BaseException) -> JSONResponse:
         return error(400, str(e), e.param)
     if isinstance(e, ValueError):
         return error(400, str(e))
+    if isinstance(e, EngineClosed):  # the server is stopping (SIGTERM): expected, no traceback
+        logger.warning("explorer request ended: %s", e)
+        return error(503, str(e), code="shutting_down")
     logger.exception("explorer request failed")
     return error(500, f"the model call failed: {type(e).__name__}: {e}")
 
@@ -171,7 +183,7 @@ def routes(engine: Any) -> list[BaseRoute]:
         return await cached(("architecture",), lambda m, t: data.architecture(m))
 
     async def tokens(request: Request) -> Any:
-        b = await _body(request)
+        b = await _body(request, ("prompt", "input_ids"))
         return await engine.run(lambda m, t: data.tokens(m, t, prompt=b.get("prompt"), input_ids=b.get("input_ids")))
 
     def _ids_key(b: dict[str, Any]) -> tuple:
@@ -179,26 +191,26 @@ def routes(engine: Any) -> list[BaseRoute]:
         return tuple(ids) if isinstance(ids, list) and all(isinstance(i, int) for i in ids) else (repr(ids),)
 
     async def next_token(request: Request) -> Any:
-        b = await _body(request)
+        b = await _body(request, ("input_ids",))
         return await cached(("next", _ids_key(b)), lambda m, t: data.next_token(m, b.get("input_ids")))
 
     async def step(request: Request) -> Any:
-        b = await _body(request)
+        b = await _body(request, ("input_ids", "mode", "settings", "seed"))
         return await engine.run(lambda m, t: data.step(m, t, b.get("input_ids"), mode=b.get("mode"),
                                                        settings=b.get("settings"), seed=b.get("seed")))
 
     async def attention(request: Request) -> Any:
-        b = await _body(request)
+        b = await _body(request, ("input_ids", "layer"))
         key = ("attention", _ids_key(b), repr(b.get("layer")))
         return await cached(key, lambda m, t: data.attention(m, b.get("input_ids"), b.get("layer")))
 
     async def lens(request: Request) -> Any:
-        b = await _body(request)
+        b = await _body(request, ("input_ids", "k"))
         k = b.get("k", 5)
         return await cached(("lens", _ids_key(b), repr(k)), lambda m, t: data.lens(m, b.get("input_ids"), k))
 
     async def sweep(request: Request) -> Response:
-        b = await _body(request)
+        b = await _body(request, ("input_ids", "max_new_tokens", "seed", "strategies"))
         ids, n, seed = data.check_sweep(engine.model, b.get("input_ids"), b.get("max_new_tokens", 30), b.get("seed", 0))
         chosen = data.strategies()
         keys = b.get("strategies")

@@ -79,9 +79,12 @@ def create_app(
     extra_routes: Starlette routes / mounts added after the API's (the explorer page).
     """
     metrics = Metrics(engine)
-    app = _App(title="minigpt2 serve", version=__version__, max_body_size=MAX_BODY_BYTES)
+    # No /docs, /redoc, /openapi.json: Swagger UI loads from a CDN (dead offline), and they
+    # would be open even with an API key; the README documents the API.
+    app = _App(title="minigpt2 serve", version=__version__, max_body_size=MAX_BODY_BYTES, docs_url=None,
+               redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
-    app.state.api_key = api_key
+    app.state.api_key, app.state.cors_origin = api_key, cors_origin
     created = protocol.now()
 
     # ------------------------------------------------------------------ errors
@@ -135,10 +138,7 @@ def create_app(
             raise APIError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
         return model_card
 
-    schema = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": protocol.CompletionRequest.model_json_schema()}}}}  # fmt: skip
-
-    @v1.post("/completions", openapi_extra=schema)
+    @v1.post("/completions")
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
         # The body is JSON whatever the Content-Type says (``curl -d`` sends a form type).
@@ -149,6 +149,8 @@ def create_app(
             data = json.loads(raw)
         except ValueError as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # nesting deeper than Python's stack (json's C decoder recurses)
+            raise APIError(400, "the body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
@@ -156,11 +158,14 @@ def create_app(
         except ValidationError as e:
             message, param = protocol.validation_error(e)
             raise APIError(400, message, param=param) from None
+        except RecursionError:
+            raise APIError(400, "the body is not valid JSON: nested too deeply") from None
         if body.model != model_name:
             raise APIError(404, f"The model `{body.model}` does not exist", param="model", code="model_not_found")
         n, stream = body.n or 1, bool(body.stream)
         best_of = body.best_of or n
         _check_combinations(body, n, best_of, stream)
+        _check_queue(body, best_of, engine.scheduler.max_queue)
         params = protocol.sampling_params(body)
         prompts = await run_in_threadpool(_encode, engine, body.prompt)
 
@@ -187,9 +192,6 @@ def create_app(
 
     app.include_router(v1)
     app.router.routes.extend(extra_routes)
-    if cors_origin:
-        app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     return app
 
 
@@ -207,6 +209,18 @@ def _check_combinations(body: protocol.CompletionRequest, n: int, best_of: int, 
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if (body.min_tokens or 0) > max_tokens:
         raise APIError(400, f"min_tokens={body.min_tokens} must be <= max_tokens={max_tokens}", param="min_tokens")
+
+
+def _check_queue(body: protocol.CompletionRequest, best_of: int, max_queue: int) -> None:
+    """The engine's own check that a request fits the queue, in the fields the client sent."""
+    prompts = len(body.prompt)
+    if prompts * best_of <= max_queue:
+        return
+    if best_of == 1:
+        raise APIError(400, f"{prompts} prompts exceed the queue of {max_queue}: send at most {max_queue}", param="prompt")
+    name = "best_of" if body.best_of is not None else "n"
+    raise APIError(400, f"{prompts} prompt(s) x {name}={best_of} = {prompts * best_of} sequences exceed the queue "
+                   f"of {max_queue}", param=name)  # fmt: skip
 
 
 def _encode(engine: Engine, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -233,17 +247,22 @@ class _Reply:
 
     async def outputs(self, request: Request | None = None) -> AsyncIterator[Output]:
         """Every output until each sequence has finished (or an ErrorOutput). With ``request``,
-        a client that went away is noticed while waiting, and the job dropped."""
+        the client is checked every DISCONNECT_POLL_SECONDS whether outputs arrive or not (a
+        busy request gets outputs all the time), and the job dropped once it went away."""
         live = len(self.job.sequences)
+        next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
         while live and not self.complete:
+            outs: list[Output] | None = None
             try:
                 outs = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS) if request else await self.queue.get()
             except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11)
+                pass
+            if request is not None and (outs is None or time.monotonic() >= next_check):
+                next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
                 if await request.is_disconnected():
                     self.engine.abort(self.job)
                     return
-                continue
-            for o in outs:
+            for o in outs or ():
                 self._observe(o)
                 if isinstance(o, ErrorOutput):
                     self.complete = True
@@ -313,14 +332,31 @@ def _sse(obj: dict) -> bytes:
 
 class _App(FastAPI):
     """FastAPI with pure ASGI layers outside its whole stack: the status counter (so it counts
-    every answer), the API key check (so nothing is read or parsed for a client without the
-    key) and the declared-size check (before FastAPI's own body limit)."""
+    every answer), CORS (so that every answer, a 401 too, carries its headers: a browser shows
+    a page the error instead of a CORS failure), the API key check (so nothing is read or
+    parsed for a client without the key) and the declared-size check (before FastAPI's own
+    body limit)."""
 
     def build_middleware_stack(self) -> ASGIApp:
         inner = _DeclaredTooLarge(super().build_middleware_stack())
         if self.state.api_key is not None:
             inner = _RequireKey(inner, self.state.api_key)
+        if self.state.cors_origin:
+            inner = _CORS(inner, allow_origins=[self.state.cors_origin], allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"])  # fmt: skip
         return _CountStatus(inner, self.state.metrics)
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS, with OpenAI's error body for a refused preflight (not plain text)."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return APIError(400, f"{response.body.decode()} for this server (--cors-origin)", code="cors_refused",
+                        headers=headers).response()  # fmt: skip
 
 
 PROTECTED = ("/v1/", "/api/")  # what --api-key guards: every route that runs the model
@@ -329,7 +365,7 @@ PROTECTED = ("/v1/", "/api/")  # what --api-key guards: every route that runs th
 class _RequireKey:
     """401 for an API request (/v1, and the explorer's /api) without ``Authorization: Bearer
     <key>``, before anything else (the body is not even read), the key compared in constant
-    time. Pages and static files (/explore, /health, /docs) hold no model output: they stay
+    time. Pages and static files (/explore, /health) hold no model output: they stay
     open, and the explorer page sends the key on its own API calls."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:

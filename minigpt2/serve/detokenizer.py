@@ -93,6 +93,7 @@ class Detokenizer:
         self.pending: list[int] = []
         self.offset_utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stopped = False
+        self.stop_reason: str | None = None  # the stop string that cut the text (vLLM's stop_reason)
 
     def add(self, token: int, check_stop: bool = True) -> int:
         """Take the next token; return its text offset. Sets ``stopped`` on a stop string
@@ -106,9 +107,10 @@ class Detokenizer:
         if self.stop and check_stop:
             longest = max(len(s) for s in self.stop)
             window = max(0, before - longest + 1)  # a match must end in the new text
-            hits = [i for i in (self.text.find(s, window) for s in self.stop) if i >= 0]
+            hits = [(i, s) for i, s in ((self.text.find(s, window), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                cut, self.stop_reason = min(hits)
+                self.text = self.text[:cut]
                 self.stopped = True
         return offset
 

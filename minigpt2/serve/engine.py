@@ -172,6 +172,9 @@ class Engine:
             bad = [t for t in prompt if not 0 <= t < V]
             if bad:
                 raise RequestError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {V})", "prompt")
+            if len(prompt) > n_pos:
+                raise RequestError(f"{name} of {len(prompt)} tokens exceeds the model's context of n_positions={n_pos} "
+                                   "tokens", "prompt")  # fmt: skip
             if len(prompt) + params.max_tokens > n_pos:
                 raise RequestError(
                     f"{name} of {len(prompt)} tokens + max_tokens={params.max_tokens} exceeds the model's "
@@ -186,11 +189,12 @@ class Engine:
         except ValueError as e:
             raise RequestError(str(e)) from None
         if len(request.sequences) > self.scheduler.max_queue:
-            raise RequestError(
-                f"{len(prompts)} prompt(s) x best_of={best_of} = {len(request.sequences)} sequences exceed the "
-                f"queue of {self.scheduler.max_queue}",
-                "n",
-            )
+            if best_of == 1:
+                message, param = f"{len(prompts)} prompts exceed the queue of {self.scheduler.max_queue}", "prompt"
+            else:
+                message, param = (f"{len(prompts)} prompt(s) x best_of={best_of} = {len(request.sequences)} sequences "
+                                  f"exceed the queue of {self.scheduler.max_queue}", "best_of")  # fmt: skip
+            raise RequestError(message, param)
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
@@ -366,7 +370,7 @@ class Engine:
             top.setdefault(self.strings.string(token), pick.logprob)  # OpenAI: up to logprobs + 1
         output = TokenOutput(
             seq.index, token, self.strings.string(token), detok.release(final=reason is not None), offset,
-            pick.logprob, top, reason,
+            pick.logprob, top, reason, detok.stop_reason,
         )  # fmt: skip
         if reason is not None:
             self._free(seq, reason)

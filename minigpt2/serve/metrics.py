@@ -5,7 +5,7 @@
     minigpt2_completion_tokens_total           tokens generated
     minigpt2_queue_depth                       sequences waiting for a KV slot
     minigpt2_running_sequences                 sequences decoded together (the running batch)
-    minigpt2_engine_steps                      engine iterations that ran the model so far
+    minigpt2_engine_steps_total                engine iterations that ran the model (a counter)
     minigpt2_time_to_first_token_seconds       request arrival -> its first token, histogram
     minigpt2_inter_token_latency_seconds       between two tokens of one choice, histogram
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -40,9 +42,7 @@ class Metrics:
         Gauge("minigpt2_running_sequences", "Sequences decoded together (running batch size)", registry=r).set_function(
             lambda: engine.num_running
         )
-        Gauge("minigpt2_engine_steps", "Engine iterations that ran the model", registry=r).set_function(
-            lambda: engine.steps
-        )
+        r.register(_EngineSteps(engine))
         self.ttft = Histogram(
             "minigpt2_time_to_first_token_seconds", "Request arrival to its first generated token",
             buckets=TTFT_BUCKETS, registry=r,
@@ -54,3 +54,14 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineSteps(Collector):
+    """The engine's step count as a counter (it only goes up; a Gauge would let rate() lie),
+    read when Prometheus scrapes: prometheus_client's Counter has no set_function."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's Collector interface
+        yield CounterMetricFamily("minigpt2_engine_steps", "Engine iterations that ran the model", value=self.engine.steps)

@@ -9,6 +9,7 @@ field is refused, as OpenAI refuses it. ``sampling_params`` maps a request onto 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -21,8 +22,20 @@ MAX_STOP = 4  # OpenAI: "Up to 4 sequences where the API will stop generating"
 INT64 = 2**63
 
 
+PROMPT_FORMS = "a prompt is a string, a list of strings, a list of token ids (integers), or a list of such lists"
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _json_kind(x: Any) -> str:
+    """``x`` as a client wrote it, and its JSON type: '5 (a number)', 'true (a boolean)'."""
+    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "a list"), (dict, "an object"), (type(None), "null")]  # fmt: skip
+    kind = next((k for t, k in kinds if isinstance(x, t)), type(x).__name__)
+    text = json.dumps(x) if kind != type(x).__name__ else repr(x)
+    return kind if x is None else f"{text[:40]}{'...' if len(text) > 40 else ''} ({kind})"
 
 
 class StreamOptions(BaseModel):
@@ -64,29 +77,51 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> list[str | list[int]]:
-        """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
+        """A string, a list of strings, a list of token ids, or a list of lists of token ids;
+        a ValueError names the first element that is none of these."""
         if isinstance(v, str):
             return [v]
-        if isinstance(v, list) and v:
-            if all(isinstance(x, str) for x in v):
-                return v
-            if all(_is_int(x) for x in v):
-                return [v]
-            if all(isinstance(x, list) and all(_is_int(t) for t in x) for x in v):
-                for i, x in enumerate(v):
-                    if not x:
-                        raise ValueError(f"prompt[{i}] is an empty list of token ids")
-                return v
-        if isinstance(v, list):
-            raise ValueError("prompt is an empty list")
-        raise ValueError(
-            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
-        )
+        if not isinstance(v, list):
+            raise ValueError(f"prompt is {_json_kind(v)}: {PROMPT_FORMS}")
+        if not v:
+            raise ValueError(f"prompt is an empty list: {PROMPT_FORMS}")
+        first = v[0]
+        if isinstance(first, str):
+            kind, ok = "a list of strings", lambda x: isinstance(x, str)
+        elif _is_int(first):
+            kind, ok = "a list of token ids", _is_int
+        elif isinstance(first, list):
+            kind, ok = "a list of lists of token ids", lambda x: isinstance(x, list)
+        else:
+            raise ValueError(f"prompt[0] is {_json_kind(first)}: {PROMPT_FORMS}")
+        for i, x in enumerate(v):
+            if not ok(x):
+                raise ValueError(f"prompt[{i}] is {_json_kind(x)} in what began as {kind}: {PROMPT_FORMS}")
+        if _is_int(first):
+            return [v]
+        if isinstance(first, list):
+            for i, ids in enumerate(v):
+                if not ids:
+                    raise ValueError(f"prompt[{i}] is an empty list of token ids")
+                for j, t in enumerate(ids):
+                    if not _is_int(t):
+                        raise ValueError(f"prompt[{i}][{j}] is {_json_kind(t)}: a token id is an integer")
+        return v
 
-    @field_validator("stop", mode="after")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
+    def _stop(cls, v: Any) -> str | list[str] | None:
+        """A string or a list of up to MAX_STOP non-empty strings (checked here, not by the
+        union type, whose errors would name its branch: ``stop.str``)."""
+        if v is None or isinstance(v, str):
+            stops = [] if v is None else [v]
+        elif isinstance(v, list):
+            stops = v
+            for i, s in enumerate(v):
+                if not isinstance(s, str):
+                    raise ValueError(f"stop[{i}] is {_json_kind(s)}: a stop sequence is a string")
+        else:
+            raise ValueError(f"stop is {_json_kind(v)}: stop must be a string or a list of up to {MAX_STOP} strings")
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
@@ -163,11 +198,20 @@ def now() -> int:
 
 
 class Choice:
-    """One choice being assembled from the engine's outputs (text, log-probs, finish_reason)."""
+    """One choice being assembled from the engine's outputs (text, log-probs, finish_reason).
+
+    The log-probs follow the text: a token's entry goes out once the text where it starts
+    has (its ``text_offset`` is below the characters released), so a token whose text is
+    held back (it may begin a stop string) waits. When a stop string cuts the text, the
+    tokens that start at or after the cut are dropped and the one that holds the cut is
+    kept: every ``text_offset`` points into the returned text, and the tokens cover it.
+    """
 
     def __init__(self, index: int, logprobs: bool) -> None:
         self.index = index
         self.text: list[str] = []
+        self.chars = 0  # characters of the text so far
+        self.pending: list[tuple[str, float | None, dict | None, int]] = []  # entries not yet out
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if logprobs else None
         self.finish_reason: str | None = None
         self.num_tokens = 0
@@ -175,8 +219,9 @@ class Choice:
 
     def add(self, o: PromptOutput | TokenOutput) -> dict | None:
         """Take one output; return its log-prob fields (for a stream chunk), or None."""
+        self.text.append(o.text)
+        self.chars += len(o.text)
         if isinstance(o, PromptOutput):
-            self.text.append(o.text)
             if self.logprobs is None:
                 return None
             part = {
@@ -186,16 +231,25 @@ class Choice:
                 "text_offset": o.text_offset,
             }
         else:
-            self.text.append(o.text)
             self.finish_reason = o.finish_reason
-            if o.token_id is None:
-                return None
-            self.num_tokens += 1
-            self.sum_logprob += o.logprob or 0.0
+            if o.token_id is not None:
+                self.num_tokens += 1
+                self.sum_logprob += o.logprob or 0.0
             if self.logprobs is None:
                 return None
-            part = {"tokens": [o.token], "token_logprobs": [o.logprob], "top_logprobs": [o.top_logprobs],
-                    "text_offset": [o.text_offset]}  # fmt: skip
+            if o.token_id is not None:
+                self.pending.append((o.token, o.logprob, o.top_logprobs, o.text_offset))
+            ready = 0
+            while ready < len(self.pending) and self.pending[ready][3] < self.chars:
+                ready += 1
+            out = self.pending[:ready]
+            if o.finish_reason is not None and o.stop_reason is None:
+                out = self.pending  # EOS or length: nothing was cut, every token counts
+            self.pending = [] if o.finish_reason is not None else self.pending[ready:]
+            if not out:
+                return None
+            part = {"tokens": [e[0] for e in out], "token_logprobs": [e[1] for e in out],
+                    "top_logprobs": [e[2] for e in out], "text_offset": [e[3] for e in out]}  # fmt: skip
         for key, values in part.items():
             self.logprobs[key].extend(values)
         return part

@@ -27,13 +27,18 @@ import torch
 #: and vLLM's "abort" for a sequence the server ended (shutdown) before either happened.
 STOP, LENGTH, ABORT = "stop", "length", "abort"
 
+#: Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS): dividing the scores by
+#: a subnormal temperature overflows them to inf, and softmax of inf is NaN (a failed draw).
+SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """The settings of one completion, in OpenAI's (and vLLM's) names and meanings.
 
     max_tokens: new tokens at most (0: none; with ``echo`` that scores the prompt only).
-    temperature: 0 is greedy (argmax after the penalties); > 0 samples from softmax(scores / t).
+    temperature: below ``SAMPLING_EPS`` (1e-5; 0 included) is greedy (argmax after the
+        penalties); otherwise samples from softmax(scores / t).
     top_p, top_k, min_p: nucleus (1.0 = off), top-k (0 = off), min-p (0.0 = off) filters.
     repetition_penalty: CTRL's multiplicative penalty on prompt and output tokens (1.0 = off).
     presence_penalty, frequency_penalty: OpenAI's additive penalties on output tokens.
@@ -85,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def needs_logprobs(self) -> bool:
@@ -191,6 +196,7 @@ class TokenOutput:
     ``text`` can be "" (an incomplete UTF-8 character, a possible start of a stop string held
     back, an EOS); it holds the rest of the text when ``finish_reason`` is set. ``token`` is the
     token as OpenAI spells it (see detokenizer.py); log-probs are None unless asked for.
+    ``stop_reason``: the stop string that cut the text, on the last output (vLLM's field).
     """
 
     index: int
@@ -201,6 +207,7 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: dict[str, float] | None = None
     finish_reason: str | None = None
+    stop_reason: str | None = None
 
 
 @dataclass
