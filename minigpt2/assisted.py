@@ -291,7 +291,13 @@ def _decode(
             draft_model = assistant_model if assistant_model is not None else early_exit_model(model, gc.assistant_early_exit)
             drafts = _ModelDraft(draft_model, s, positions, full_mask, L, T, eos, generator, ids, prompt_start)
         cache = model.make_cache(1, L)
-        dec = fast.decoder(model, 1)
+        # The target only ever checks 1 + k drafts at once: kernels chosen for that many rows.
+        # Those chosen for one row (a GEMV, numpy's on some hosts) ran a 5-row check of
+        # gpt2-large's shape at 3-4x the time of one step; these run it at about one step's.
+        # A model drafting for itself keeps one-row kernels: a model has one set of prepared
+        # weights, which two row counts would rebuild in turn.
+        own = isinstance(drafts, _ModelDraft) and drafts.model is model
+        dec = fast.decoder(model, 1 if own else 1 + drafts.k)
         if T > 1:  # the prompt but its last token; each round feeds that token and the drafts
             _forward_last(model, ids[:, :-1], positions[:, : T - 1], None if mask is None else mask[:, :-1], cache, dec)
     rows = None if stop is None else [ids[0][mask[0].bool()].tolist() if mask is not None else ids[0].tolist()]

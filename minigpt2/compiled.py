@@ -154,11 +154,11 @@ class CompiledDecoder(fast.Decoder):
         return ok
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                 cache: KVCache | None) -> torch.Tensor:  # fmt: skip
+                 cache: KVCache | None, last_only: bool = True) -> torch.Tensor:  # fmt: skip
         from .model import attention_bias
 
-        if cache is None or ids.shape[1] != 1:
-            return super().__call__(ids, positions, mask, cache)
+        if cache is None or ids.shape[1] != 1 or not last_only:
+            return super().__call__(ids, positions, mask, cache, last_only)
         bias = attention_bias(mask, 1, cache.length, ids.device)  # None without padding
         return self.step(ids, positions, bias, cache)
 

@@ -409,18 +409,27 @@ class Decoder:
         return self.unembed(h.reshape(-1, self.C)).view(*h.shape[:-1], -1).float()
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
+        last_only: bool = True,
     ) -> torch.Tensor:
-        """fp32 logits of the last position [B, V]; the cache (if any) is appended to.
-        Decode steps (up to kernels.ROWS rows) run on the thread count ``threads`` picks."""
+        """fp32 logits of the last position [B, V], or of every position [B, T, V] with
+        ``last_only=False`` (assisted decoding checks its drafts so); the cache (if any) is
+        appended to. Steps of up to kernels.ROWS rows run on the thread count ``threads`` picks,
+        and with the numpy kernel always inside ``_on``: outside it OpenBLAS's and torch's
+        thread pools spin against each other (a 5-token check of gpt2-large's shape took 16x a
+        one-token step that way)."""
         if ids.numel() > kernels.ROWS or (self.threads is None and not self.numpy_step):
-            return self.unembed(self.hidden(ids, positions, mask, cache)).float()
+            return self.logits(self.hidden(ids, positions, mask, cache, last_only))
         threads = self.threads
-        n = self.user_threads if threads is None else threads.next()  # 1 or the full team
+        step = last_only  # a check of several drafts does not teach StepThreads a step's time
+        if threads is None:
+            n = self.user_threads
+        else:
+            n = threads.next() if step else threads.n  # 1 or the full team
         t = time.perf_counter()
         with self._on(n):
-            logits = self.unembed(self.hidden(ids, positions, mask, cache)).float()
-        if threads is not None:
+            logits = self.logits(self.hidden(ids, positions, mask, cache, last_only))
+        if threads is not None and step:
             threads.record(n, time.perf_counter() - t)
             if n == 1 and threads.probe_due():
                 threads.probed(self._probe(threads.n, 0), self._probe(1, 1))

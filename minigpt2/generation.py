@@ -82,7 +82,7 @@ def _forward_all(
     """``_forward_last`` for every new position: fp32 logits [B, T, V] (assisted decoding
     checks T draft tokens in one forward)."""
     if dec is not None and dec.ready():
-        return dec.logits(dec.hidden(ids, positions, mask, cache, last_only=False))
+        return dec(ids, positions, mask, cache, last_only=False)
     h = model.transformer(ids, mask, positions, cache)  # (B, T, C)
     return model.lm_head(h).float()
 

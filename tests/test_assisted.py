@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from minigpt2 import GPT2, Tokenizer, assisted
+from minigpt2 import GPT2, Tokenizer, assisted, fast
 from minigpt2.cache import KVCache
 
 LIVELY = dict(initializer_range=0.2)
@@ -55,6 +55,21 @@ def test_greedy_equals_plain_greedy(pair: Any, draft: str) -> None:
         assert stats.tokens == 24 and stats.drafted > 0
     if draft == "self":  # the model as its own draft: every draft accepted
         assert stats.acceptance_rate == 1.0 and stats.rounds < 24
+
+
+def test_the_target_checks_on_kernels_chosen_for_the_check(pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target only checks 1 + k drafts at a time, so its fast path is prepared for that many
+    rows; a model drafting for itself keeps one set (one-row kernels) instead of two in turn."""
+    model, _, assistant, _ = pair
+    asked: list[tuple[GPT2, int]] = []
+    real = fast.decoder
+    monkeypatch.setattr(fast, "decoder", lambda m, b: asked.append((m, b)) or real(m, b))
+    kw = dict(max_new_tokens=8, eos_token_id=None, assistant_confidence_threshold=0.0, num_assistant_tokens=4)
+    model.generate(prompt(), assistant_model=assistant, **kw)
+    assert [b for m, b in asked if m is model] == [5] and {b for m, b in asked if m is assistant} == {1}
+    asked.clear()
+    model.generate(prompt(), assistant_model=model, **kw)
+    assert {b for _, b in asked} == {1}
 
 
 @pytest.mark.parametrize("draft", ["assistant-long-drafts", "prompt-lookup", "early-exit-1"])

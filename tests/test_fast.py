@@ -800,6 +800,39 @@ def test_steps_restore_the_thread_settings(pair, kernel: str, monkeypatch: pytes
         torch.set_num_threads(previous)
 
 
+def test_a_check_of_several_drafts_runs_on_the_steps_threads(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Assisted decoding's check of 1 + k drafts (every position's logits) runs its products as
+    a step does: with the numpy kernel, torch on one thread while OpenBLAS works (outside that,
+    the two spinning pools made a 5-row check of gpt2-large's shape 16x a step), and its logits
+    equal the plain model's at every position."""
+    if not kernels.available("numpy", torch.float32):
+        pytest.skip("numpy's BLAS thread count cannot be read here (not OpenBLAS)")
+    model, _ = pair
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(kernels, "numpy_blas_threads", lambda: torch.get_num_threads())
+        seen: list[int] = []
+        real = fast.Decoder.hidden
+
+        def hidden(self, *a, **k):
+            seen.append(torch.get_num_threads())
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(fast.Decoder, "hidden", hidden)
+        ids = _ids(1, 6)
+        with kernels.force("numpy"), torch.inference_mode():
+            dec = fast.decoder(model, 5)
+            assert dec is not None and dec.numpy_step
+            cache = model.make_cache(1, 16)
+            logits = dec(ids, torch.arange(6)[None], None, cache, last_only=False)
+            assert seen == [1] and torch.get_num_threads() == 2
+            assert logits.shape == (1, 6, model.config.vocab_size) and cache.length == 6
+            torch.testing.assert_close(logits, model(ids), rtol=0, atol=1e-4 * model(ids).abs().max().item())
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_numpy_kernel_only_on_the_users_thread_count(pair, monkeypatch: pytest.MonkeyPatch) -> None:
     if not kernels.available("numpy", torch.float32):
         pytest.skip("numpy's BLAS thread count cannot be read here (not OpenBLAS)")
