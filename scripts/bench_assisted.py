@@ -76,7 +76,7 @@ def step_costs(target: minigpt2.GPT2, draft: minigpt2.GPT2, k: int, context: int
         for name, model, width, forward in (("t_target", target, 1, _forward_last), ("t_draft", draft, 1, _forward_last),
                                             ("t_check", target, k + 1, _forward_all)):
             cache = model.make_cache(1, context + k + 1)
-            dec = fast.decoder(model, 1)
+            dec = fast.decoder(model, width)  # as assisted.py: the check on kernels chosen for its rows
             _forward_last(model, ids[:, :context], torch.arange(context)[None], None, cache, dec)
 
             def step(model: Any = model, cache: Any = cache, dec: Any = dec, width: int = width, forward: Any = forward) -> None:
