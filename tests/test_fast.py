@@ -766,6 +766,19 @@ def test_step_threads_switched_off_or_single(monkeypatch: pytest.MonkeyPatch) ->
         torch.set_num_threads(previous)
 
 
+def _threads_seen_by_hidden(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """torch's thread count at each Decoder.hidden call, from now on (the list fills as it runs)."""
+    seen: list[int] = []
+    real = fast.Decoder.hidden
+
+    def hidden(self, *a, **k):
+        seen.append(torch.get_num_threads())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(fast.Decoder, "hidden", hidden)
+    return seen
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_steps_restore_the_thread_settings(pair, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever a step runs on (one thread, the team, OpenBLAS's threads), torch's and
@@ -775,14 +788,7 @@ def test_steps_restore_the_thread_settings(pair, kernel: str, monkeypatch: pytes
     blas = kernels.numpy_blas_threads()
     try:
         torch.set_num_threads(2)
-        seen: list[int] = []
-        real = fast.Decoder.hidden
-
-        def hidden(self, *a, **k):
-            seen.append(torch.get_num_threads())
-            return real(self, *a, **k)
-
-        monkeypatch.setattr(fast.Decoder, "hidden", hidden)
+        seen = _threads_seen_by_hidden(monkeypatch)
         with kernels.force(kernel):
             model.generate(_ids(1, 4), max_new_tokens=8, min_new_tokens=8)
             assert torch.get_num_threads() == 2 and kernels.numpy_blas_threads() == blas
@@ -812,14 +818,7 @@ def test_a_check_of_several_drafts_runs_on_the_steps_threads(pair, monkeypatch: 
     try:
         torch.set_num_threads(2)
         monkeypatch.setattr(kernels, "numpy_blas_threads", lambda: torch.get_num_threads())
-        seen: list[int] = []
-        real = fast.Decoder.hidden
-
-        def hidden(self, *a, **k):
-            seen.append(torch.get_num_threads())
-            return real(self, *a, **k)
-
-        monkeypatch.setattr(fast.Decoder, "hidden", hidden)
+        seen = _threads_seen_by_hidden(monkeypatch)
         ids = _ids(1, 6)
         with kernels.force("numpy"), torch.inference_mode():
             dec = fast.decoder(model, 5)
