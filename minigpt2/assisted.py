@@ -319,9 +319,17 @@ def _decode(
                 drafted = seq[0, cur : cur + n_draft]
                 if s.do_sample and q is not None:
                     valid, n_matches = _speculative_sampling(drafted, q, scores, generator)
-                else:  # greedy, or sampling without draft distributions: keep the drafts the model makes too
-                    chosen = sampling.sample(scores, generator) if s.do_sample else sampling.greedy(scores)
+                elif s.do_sample:  # sampling without draft distributions: keep the drafts the model makes too
+                    chosen = sampling.sample(scores, generator)
                     n_matches = int((chosen[:n_draft] == drafted).int().cumprod(0).sum())
+                    valid = chosen[: n_matches + 1]
+                else:  # greedy; argmax of an all -inf row is token 0: flag it, read with the same sync
+                    best, chosen = torch.max(scores, dim=-1)
+                    matches = (chosen[:n_draft] == drafted).int().cumprod(0)
+                    empty = (best == float("-inf")).int().cumsum(0)  # (n_draft + 1,): empty rows up to i
+                    n_matches, n_empty = torch.stack((matches.sum(), empty[matches.sum()])).tolist()
+                    if n_empty:
+                        raise sampling.no_token_left(scores[: n_matches + 1])
                     valid = chosen[: n_matches + 1]
                 drafts.adapt(n_draft, n_matches)
                 stats.rounds += 1

@@ -1018,7 +1018,10 @@ def test_an_infinite_sequence_bias_is_refused_up_front(tiny: Any) -> None:
 
 
 @pytest.mark.parametrize("mode", [dict(do_sample=True), dict(do_sample=False), dict(do_sample=True, num_beams=2),
-                                  dict(do_sample=False, num_beams=2)])
+                                  dict(do_sample=False, num_beams=2),
+                                  dict(do_sample=False, prompt_lookup_num_tokens=2),
+                                  dict(do_sample=False, assistant_early_exit=1, assistant_confidence_threshold=0.0),
+                                  dict(do_sample=True, prompt_lookup_num_tokens=2)])  # fmt: skip
 def test_a_row_with_every_token_removed_is_a_clear_value_error(tiny: Any, mode: dict[str, Any]) -> None:
     # which tokens survive depends on the step, so no up-front check can see this: the draw reports it
     model, _ = tiny
