@@ -154,3 +154,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),  # 1558M
     "distilgpt2": dict(n_embd=768, n_layer=6, n_head=12),  # 82M, distilled from gpt2
 }
+
+#: The Hub ids of the official checkpoints the presets describe (besides their short names).
+OFFICIAL_REPOS = frozenset({"openai-community/gpt2", "openai-community/gpt2-medium", "openai-community/gpt2-large",
+                            "openai-community/gpt2-xl", "distilbert/distilgpt2"})  # fmt: skip
+
+
+def is_official(name: str) -> bool:
+    """Whether ``name`` is an official GPT-2 checkpoint with a packaged preset (gpt2, ...,
+    distilgpt2, with or without its Hub organisation)."""
+    return name in PRESETS or name in OFFICIAL_REPOS

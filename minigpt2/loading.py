@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import GPT2Config
+from .config import GPT2Config, is_official
 from .generation_config import GenerationConfig
 from .hub import HubRepo, atomic_write, local_dir, read_json
 from .tokenizer import Tokenizer
@@ -353,19 +353,24 @@ def load_pretrained(
 def read_generation_config(name_or_path: str | os.PathLike[str], revision: str | None = None) -> GenerationConfig:
     """A checkpoint's generation settings, as transformers finds them: its
     generation_config.json, else derived from its config.json (a local directory or a Hub
-    repo id; from the Hub, only those two small files are fetched)."""
+    repo id; from the Hub, only those two small files are fetched). An official checkpoint
+    (gpt2, ..., distilgpt2) that the Hub cannot give (offline, not cached) is derived from its
+    packaged preset, which is what its generation_config.json holds (bos / eos 50256)."""
     path = local_dir(name_or_path)
     if path is not None:
         config_file = path / CONFIG
         if not config_file.is_file() and not (path / GENERATION_CONFIG).is_file():
             raise FileNotFoundError(f"no {GENERATION_CONFIG} or {CONFIG} in checkpoint directory {path}")
     else:
-        repo = HubRepo(os.fspath(name_or_path), revision)
+        name = os.fspath(name_or_path)
+        repo = HubRepo(name, revision)
         found = repo.file(GENERATION_CONFIG)
         if found is not None:
             return GenerationConfig.from_json_file(found)
         config_file = repo.file(CONFIG)
         if config_file is None:
+            if repo.not_cached and revision is None and is_official(name):
+                return GenerationConfig.from_model_config(GPT2Config.from_preset(name).to_dict())
             raise repo.error()
     return _generation_config(config_file)
 

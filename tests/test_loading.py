@@ -442,6 +442,36 @@ def test_hub_offline_without_cache_names_the_repo(tmp_path):
         assert repo in line, line
 
 
+def test_generation_config_of_an_official_name_offline(tmp_path):
+    """Offline with an empty cache, an official name's generation config comes from its packaged
+    preset and equals what transformers derives from GPT-2's config (the official file's
+    values); any other repo id is still the ValueError naming it."""
+    script = textwrap.dedent(
+        """
+        import json
+        from minigpt2 import GenerationConfig
+        for name in ("gpt2", "distilbert/distilgpt2"):
+            print(json.dumps(GenerationConfig.from_pretrained(name).to_diff_dict(), sort_keys=True))
+        try:
+            GenerationConfig.from_pretrained("someone/gpt2-finetune")
+        except ValueError as e:
+            print("ValueError", str(e).replace("\\n", " "))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    # transformers 5 also writes the model-config flags it keeps (use_cache, output_*), which
+    # are not generation settings; the official file holds bos / eos and the provenance flag.
+    derived = transformers.GenerationConfig.from_model_config(transformers.GPT2Config()).to_diff_dict()
+    want = {k: derived[k] for k in ("_from_model_config", "bos_token_id", "eos_token_id")}
+    assert [json.loads(line) for line in lines[:2]] == [want, want]
+    assert lines[2].startswith("ValueError") and "'someone/gpt2-finetune'" in lines[2]
+
+
 def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
     """Lay files out as huggingface_hub's cache does after a download (refs/main -> snapshot)."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))

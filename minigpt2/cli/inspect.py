@@ -72,10 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # -------------------------------------------------------------------------- inspect
-_OFFICIAL = {"openai-community/gpt2", "openai-community/gpt2-medium", "openai-community/gpt2-large",
-             "openai-community/gpt2-xl", "distilbert/distilgpt2"}
-
-
 def _config_for(name: str):  # noqa: ANN202 - (GPT2Config, note)
     """The config of a checkpoint (and where it came from), without reading its weights.
 
@@ -83,12 +79,12 @@ def _config_for(name: str):  # noqa: ANN202 - (GPT2Config, note)
     gpt2-xl, distilgpt2, also with their Hub organisation): the Hub cache if it holds the
     config, else the packaged preset, so no network is needed. Any other name: the Hub.
     """
-    from ..config import PRESETS, GPT2Config
+    from ..config import GPT2Config, is_official
 
     path = local_dir(name)
     if path is not None:
         return GPT2Config.from_json_file(path / "config.json"), f"read {path / 'config.json'}"
-    official = name in PRESETS or name in _OFFICIAL
+    official = is_official(name)
     # An official name never waits for the network: the packaged preset answers instead.
     repo = HubRepo(name, local_only=True if official else None, what="the config of")
     try:
