@@ -29,7 +29,7 @@ SEPARATOR = "-" * 40
 def _positive_float(text: str) -> float:
     x = _float(text)
     if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return x
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import DEFAULT_MODEL, CLIError
+from .generate import _int_at_least, _positive_float
 
 #: The input when none is given: the prompt of GPT-2's unicorn sample (Radford et al., 2019).
 SAMPLE_TEXT = (
@@ -31,26 +32,6 @@ SAMPLE_TEXT = (
     "unexplored valley, in the Andes Mountains. Even more surprising to the researchers was the fact "
     "that the unicorns spoke perfect English."
 )
-
-
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return x
-
-
-def _positive_int(text: str) -> int:
-    try:
-        x = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return x
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     checks.add_argument("--rtol", type=_positive_float, default=None, metavar="R",
                         help="tolerance of every row: max|ours - ref| <= R x max|ref| (default 1e-4; with --dtype "
                         "bfloat16/float16, per row: 4x what that dtype costs transformers' own model)")
-    checks.add_argument("--generate", type=_positive_int, default=None, metavar="N",
+    checks.add_argument("--generate", type=_int_at_least(1), default=None, metavar="N",
                         help="greedy-decode N tokens in both; report the first step where they differ and the "
                         "logit margin there (a near-tie is reported as one)")
     checks.add_argument("--grad", action="store_true",
