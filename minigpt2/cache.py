@@ -24,6 +24,10 @@ class KVCache:
     q|k|v projection, with one strided copy (:meth:`update_fused`).
     """
 
+    #: A compiled CUDA step's cache (compiled.static_cache): a zeroed buffer of a bucketed
+    #: length, which the graph reads in full under a mask.
+    static: bool = False
+
     def __init__(
         self,
         n_layer: int,
@@ -34,14 +38,22 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        buffer: torch.Tensor | None = None,
+        static: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if max_len <= 0:
             raise ValueError(f"max_len={max_len} must be positive")
-        # Uninitialised: attention only ever reads the first ``length`` positions (views are
-        # narrowed to them), and zeroing a long prompt's cache costs a measurable part of its prefill.
-        self.kv = torch.empty(n_layer, 2, batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
+        shape = (n_layer, 2, batch_size, n_head, max_len, head_dim)
+        if buffer is None:
+            # Uninitialised: attention only ever reads the first ``length`` positions (views are
+            # narrowed to them), and zeroing a long prompt's cache costs a measurable part of its prefill.
+            buffer = torch.empty(shape, device=device, dtype=dtype)
+        elif tuple(buffer.shape) != shape:
+            raise ValueError(f"buffer has shape {tuple(buffer.shape)}; this cache needs {shape}")
+        self.kv = buffer
+        self.static = static
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # (n_layer, B, nh, max_len, hs) views
         # Per-layer views, made once (indexing costs more than the copy at batch 1); _rows is
         # a layer's k and v seen as (B, max_len, 2, nh, hs), the layout of the k|v part of a

@@ -583,6 +583,11 @@ def decoder(model: GPT2, batch_size: int) -> Decoder | None:
     """The fast path for generating ``batch_size`` rows, or None where it may not run
     (see :func:`usable`): then the caller runs the plain model."""
     hooks = _HookWatch(model)  # one walk over the modules serves the check now and before every step
+    if getattr(model, "_compile_decoding", False):
+        from . import compiled
+
+        if compiled.uses_graphs(model):  # CUDA graphs of the one-token step (compiled.py)
+            return compiled.graph_decoder(model, hooks)
     if not usable(model, hooks):
         return None
     if getattr(model, "_compile_decoding", False):

@@ -401,8 +401,9 @@ class GPT2(nn.Module):
     def compile_decoding(self, enabled: bool = True) -> GPT2:
         """Opt in to (or out of) the compiled decode step: generation's one-token step runs
         as one ``torch.compile`` graph (see compiled.py). Compiled lazily by the first
-        generation step (tens of seconds; ``minigpt2.compiled.compile_seconds(model)``), CPU
-        only in this version. Returns the model."""
+        generation step (tens of seconds; ``minigpt2.compiled.compile_seconds(model)``). On
+        CUDA it is CUDA graphs against a static cache (``mode="reduce-overhead"``). Returns
+        the model."""
         from .compiled import enable
 
         enable(self, enabled)
@@ -410,12 +411,20 @@ class GPT2(nn.Module):
 
     # ------------------------------------------------------------------- cache
     def make_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A KV cache for ``batch_size`` rows of up to ``max_len`` (default n_positions) tokens."""
+        """A KV cache for ``batch_size`` rows of up to ``max_len`` (default n_positions) tokens.
+
+        With the compiled decode step on CUDA (``compile_decoding``) it is a static cache
+        (compiled.static_cache): zeroed, of a bucketed length >= max_len, pooled per model."""
         c = self.config
         max_len = c.n_positions if max_len is None else max_len
         if max_len > c.n_positions:
             raise ValueError(f"max_len={max_len} exceeds n_positions={c.n_positions}")
         w = self.transformer.wte.weight
+        if self._compile_decoding:
+            from . import compiled
+
+            if compiled.uses_graphs(self):
+                return compiled.static_cache(self, batch_size, max_len)
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, device=w.device, dtype=w.dtype)
 
     # ------------------------------------------------------------------- hooks

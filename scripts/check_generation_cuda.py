@@ -1,6 +1,7 @@
 """Generation on a GPU: minigpt2 on cuda against transformers on cuda, assisted decoding on cuda.
 
-    python scripts/check_generation_cuda.py        # on a machine with CUDA (DEV=cpu runs it on the CPU)
+    python scripts/check_generation_cuda.py            # on a machine with CUDA (DEV=cpu runs it on the CPU)
+    python scripts/check_generation_cuda.py --compile  # the same checks through compile=True (CUDA graphs)
 
 The test suite runs on CPU only (CI has no GPU); this script is the GPU counterpart of the
 generation parity tests: seeded sampling with the new warpers, beam search and its scores,
@@ -13,7 +14,10 @@ import argparse, os, sys, time, tempfile, warnings, traceback
 _parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                   epilog="Needs a CUDA GPU unless --device cpu (or DEV=cpu) is given.")
 _parser.add_argument("--device", default=os.environ.get("DEV", "cuda"), help="cuda (default) or cpu; env DEV sets it too")
-dev = _parser.parse_args().device
+_parser.add_argument("--compile", action="store_true",
+                     help="load minigpt2's models with compile=True: on CUDA every check runs the CUDA-graph step")
+_args = _parser.parse_args()
+dev = _args.device
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.getcwd())
@@ -22,7 +26,7 @@ if dev.startswith("cuda") and not torch.cuda.is_available():
     sys.exit("check_generation_cuda.py: needs a CUDA GPU (none found); --device cpu runs it on the CPU")
 import minigpt2
 from minigpt2 import assisted
-print("torch", torch.__version__, "transformers", transformers.__version__, "device", dev,
+print("torch", torch.__version__, "transformers", transformers.__version__, "device", dev, "compile", _args.compile,
       torch.cuda.get_device_name(0) if dev == "cuda" else "")
 results = {}
 def check(name, fn):
@@ -49,7 +53,8 @@ def build(d, seed, **cfg):
 
 tmp = tempfile.mkdtemp()
 hf = build(f"{tmp}/t", 3); hfa = build(f"{tmp}/a", 5, n_layer=1)
-m = minigpt2.GPT2.from_pretrained(f"{tmp}/t", device=dev); a = minigpt2.GPT2.from_pretrained(f"{tmp}/a", device=dev)
+m = minigpt2.GPT2.from_pretrained(f"{tmp}/t", device=dev, compile=_args.compile)
+a = minigpt2.GPT2.from_pretrained(f"{tmp}/a", device=dev, compile=_args.compile)
 ids = torch.randint(0, 998, (3, 6), generator=torch.Generator().manual_seed(0)).to(dev)
 ones = torch.ones_like(ids)
 def same(kw, seed=0, mask=None, x=ids):
@@ -112,7 +117,7 @@ def spec():
 check("speculative sampling runs", spec)
 # bf16 weights on cuda: generation runs, greedy equals fp32 top-1 mostly
 def bf16():
-    mb = minigpt2.GPT2.from_pretrained(f"{tmp}/t", device=dev, dtype="bfloat16")
+    mb = minigpt2.GPT2.from_pretrained(f"{tmp}/t", device=dev, dtype="bfloat16", compile=_args.compile)
     out = mb.generate(ids, max_new_tokens=5, assistant_early_exit=1, assistant_confidence_threshold=0.0) if False else mb.generate(ids, max_new_tokens=5)
     o2 = mb.generate(ids[:1], max_new_tokens=8, assistant_early_exit=1, assistant_confidence_threshold=0.0)
     return out.shape == (3, 11) and torch.equal(o2, mb.generate(ids[:1], max_new_tokens=8))
