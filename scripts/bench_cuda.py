@@ -162,9 +162,6 @@ def run(shape: str, dtype: torch.dtype, root: str, bandwidth: float) -> None:
             with open(args.json, "w") as f:
                 json.dump(dict(limit_note="weight bytes / read bandwidth", bandwidth_GBps=round(bandwidth / 1e9, 1),
                                torch=torch.__version__, transformers=transformers.__version__, rows=rows), f, indent=1)  # fmt: skip
-    del hf, ours, graphs
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -175,7 +172,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for shape in args.shape:
             for name in args.dtype:
-                run(shape, dtypes[name], root, bw)
+                run(shape, dtypes[name], root, bw)  # its models are freed on return
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
     print(f"\n{'shape':5} {'dtype':8} {'engine':40} {'tok/s':>8} {'ms/tok':>7} {'warm-up s':>9}  tokens = transformers")
     for r in rows:
         if "error" in r:

@@ -29,9 +29,22 @@ from minigpt2 import assisted
 print("torch", torch.__version__, "transformers", transformers.__version__, "device", dev, "compile", _args.compile,
       torch.cuda.get_device_name(0) if dev == "cuda" else "")
 results = {}
+# minigpt2 follows transformers 5.24 where transformers itself changed after 5.17 (seen: 5.17
+# differs on these two on CPU and CUDA alike, 5.24 agrees); with an older transformers installed
+# (a GPU image's own, say) these checks are run and reported, not counted.
+TF = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+CHANGED_IN_5_24 = {
+    "parity max_new_tokens=10,num_beams=3,do_sample=True":
+        "5.24 sorts the sampled beam candidates by log-prob (_get_top_k_continuations), 5.17 did not",
+    "parity max_new_tokens=10,forced_eos_token_id=4,min_length=12,exponential_decay_length_penalty=(2, 1.5),renormalize_logits=True":
+        "5.24's ExponentialDecayLengthPenalty leaves a -inf EOS logit alone; 5.17 made it -inf + inf = NaN (token 0)",
+}
 def check(name, fn):
     try:
         ok = fn()
+        if not ok and TF < (5, 24) and name in CHANGED_IN_5_24:
+            print(f"KNOWN {name}: transformers {transformers.__version__} < 5.24: {CHANGED_IN_5_24[name]}", flush=True)
+            return
         results[name] = bool(ok)
         print(("PASS " if ok else "FAIL ") + name, flush=True)
     except Exception as e:
