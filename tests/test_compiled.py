@@ -136,6 +136,26 @@ def test_graph_step_cache_is_static_pooled_and_zeroed(graph_pair) -> None:
         model.make_cache(2, 301)
 
 
+def test_graph_step_ends_rows_as_transformers(graph_pair) -> None:
+    """Rows ending on EOS at different steps, the length limit, seeded sampling and the greedy
+    no-token error, through the graph step."""
+    model, hf = graph_pair
+    ids = _ids(3, 5, seed=11)
+    first = model.generate(ids, max_new_tokens=8, min_new_tokens=8)[:, 5:]
+    eos = int(first[0, 2])  # row 0 ends by its third token; the others when (if) they meet it
+    for kw in (dict(do_sample=False), dict(do_sample=True, top_k=50)):
+        kw.update(max_new_tokens=16, eos_token_id=eos, pad_token_id=eos)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            want = hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        torch.manual_seed(5)
+        assert torch.equal(model.generate(ids, **kw), want)
+    steps = list(model.stream(None, ids[:1], max_new_tokens=16, eos_token_id=eos))
+    assert len(steps) == first[0].tolist().index(eos) + 1 and bool(steps[-1].finished[0])
+    with pytest.raises(ValueError, match="no token"):
+        model.generate(ids, max_new_tokens=4, suppress_tokens=list(range(1000)))
+
+
 def test_graph_step_interleaved_streams_keep_their_own_caches(graph_pair) -> None:
     model, _ = graph_pair
     a, b = _ids(1, 5, seed=6), _ids(1, 9, seed=7)
