@@ -483,11 +483,14 @@ class StepThreads:
 
     - the first step runs on one thread (``fastest[1]``: what one thread does), then the team
       is probed with a single matrix product on the team and on one thread (a whole step on
-      a contended team could cost seconds); the steps move to the team when its product is
-      clearly faster (``BETTER``). On a quiet machine that first step and the probe are all
-      that is ever spent;
+      a contended team could cost seconds); the steps move to the team unless its product is
+      slower (``PROBE_OK``: the probe detects contention; it cannot weigh the team's gain, since
+      three products read cold from memory gain less from a second thread than a whole step);
     - a team step slower than ``TRIGGER`` x the fastest one-thread step moves the steps back
       to one thread at once;
+    - after ``TRIAL`` team steps, the team stays only if its fastest step beats the fastest
+      one-thread step by ``PAYS`` (a small model's step may not gain from a second thread).
+      On a quiet machine the first step, the probe and these trial steps are all that is spent;
     - on one thread, the team is probed again after ``interval`` steps; the interval doubles
       whenever the team disappoints (a failed probe, a slow team step) and starts over after
       a long run of good team steps.
@@ -499,7 +502,9 @@ class StepThreads:
     """
 
     TRIGGER = 2.0
-    BETTER = 0.75
+    PROBE_OK = 1.0
+    PAYS = 0.95
+    TRIAL = 4
     FIRST_INTERVAL, MAX_INTERVAL = 4, 512
     GOOD_RUN = 64  # team steps without a slow one after which the interval starts over
 
@@ -532,10 +537,13 @@ class StepThreads:
         if seconds > self.TRIGGER * self.fastest[1]:
             self._back_off()
             self._switch(1)
-        else:
-            self.good += 1
-            if self.good >= self.GOOD_RUN:
-                self.interval = self.FIRST_INTERVAL
+            return
+        self.good += 1
+        if self.good == self.TRIAL and self.fastest[self.n] > self.PAYS * self.fastest[1]:
+            self._back_off()  # the team does not pay for this step here
+            self._switch(1)
+        elif self.good >= self.GOOD_RUN:
+            self.interval = self.FIRST_INTERVAL
 
     def probe_due(self) -> bool:
         """After a step on one thread: whether to probe the team now."""
@@ -546,7 +554,7 @@ class StepThreads:
 
     def probed(self, team: float, single: float) -> None:
         """The probe product took ``team`` seconds on the team and ``single`` on one thread."""
-        if team < self.BETTER * single:
+        if team <= self.PROBE_OK * single:
             self._switch(self.n)
         else:
             self._back_off()

@@ -751,6 +751,31 @@ def test_step_threads_leave_a_contended_team_and_probe_it_with_backoff() -> None
     assert st.next() == 2
 
 
+def test_step_threads_weigh_the_team_by_whole_steps() -> None:
+    """The probe only rules out contention: a team product 10 % faster is enough to try the
+    team (three cold products gain less from a second thread than a whole step: bf16 124M
+    here: 0.8-1.0 in the probe, ~0.78 in whole steps). The whole steps then decide."""
+    st = fast.StepThreads(2)
+    st.record(1, 0.010)
+    st.probe_due()
+    st.probed(team=0.9e-3, single=1.0e-3)
+    assert st.next() == 2
+    for _ in range(fast.StepThreads.TRIAL):
+        st.record(2, 0.007)
+    assert st.next() == 2  # 30 % faster than one thread: stays
+    small = fast.StepThreads(2)  # a step that a second thread does not speed up
+    small.record(1, 1.0e-3)
+    small.probe_due()
+    small.probed(team=0.9e-3, single=1.0e-3)
+    for _ in range(fast.StepThreads.TRIAL):
+        assert small.next() == 2
+        small.record(2, 0.98e-3)
+    assert small.next() == 1 and small.interval == 2 * fast.StepThreads.FIRST_INTERVAL
+    small.probe_due()
+    small.probed(team=1.2e-3, single=1.0e-3)  # the team's product slower: not tried
+    assert small.next() == 1
+
+
 def test_step_threads_switched_off_or_single(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fast.ENV_THREADS, "0")
     assert fast.StepThreads.current_for(None) is None
