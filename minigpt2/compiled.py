@@ -95,8 +95,10 @@ class CompiledStep:
     def bind(self, dec: fast.Decoder) -> None:
         """Point the handles at this Decoder's prepared kernels (after a rebuild too)."""
         p = dec.p
-        for h, pl in zip(self.handles, [*p.blocks, p.unembed]):
-            _LINEARS[h] = pl.mm
+        # The decoder's own products (a half-precision c_fc may carry the GELU: fast.Decoder).
+        products = [f for _, _, c_attn, proj, _, c_fc, _, mlp_proj in dec.layers for f in (c_attn, proj, c_fc, mlp_proj)]
+        for h, mm in zip(self.handles, [*products, p.unembed.mm]):
+            _LINEARS[h] = mm
         self.out = [pl.out_features for pl in [*p.blocks, p.unembed]]
         # What the step reads besides the kernels (the model's own tensors, unchanged by a rebuild).
         self.wte, self.wpe, self.ln_f, self.shape = dec.wte, dec.wpe, dec.ln_f, (dec.C, dec.nh, dec.hs)

@@ -115,6 +115,7 @@ class PreparedLinear:
         w = weight_out_in.detach()
         b = None if bias is None else bias.detach()
         self.extra_bytes = 0
+        self.mm_gelu_tanh: Callable[[torch.Tensor], torch.Tensor] | None = None  # mkldnn only
         if kernel == "plain":
             self.weight = w.t()  # (in, out): Conv1D's own parameter, or a view of the embedding
         elif kernel == "transposed":
@@ -148,6 +149,10 @@ class PreparedLinear:
         # mm(x2) for x2 (N, in): one call, no branching per use (decoding calls it 49 times a token).
         if kernel == "mkldnn":
             self.mm = functools.partial(_mkldnn_linear, weight=self.weight, bias=b)
+            # The same product with the tanh GELU applied in oneDNN's epilogue, on the fp32
+            # accumulator (fast.py uses it for half-precision MLPs: one pass over the
+            # activation fewer, and one rounding fewer).
+            self.mm_gelu_tanh = functools.partial(_mkldnn_linear_gelu_tanh, weight=self.weight, bias=b)
         elif b is None:
             self.mm = functools.partial(torch.mm, mat2=self.weight)
         else:
@@ -217,6 +222,10 @@ def set_numpy_blas_threads(n: int) -> None:
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _mkldnn_linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
 
 
 def default_upcast_inner(device: torch.device | str = "cpu") -> str:

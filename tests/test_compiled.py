@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigpt2 import GPT2, compiled, fast
+from minigpt2 import GPT2, compiled, fast, kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own internals
 
@@ -74,6 +74,24 @@ def test_compiled_step_sees_weight_edits_and_steps_aside_for_hooks(make_checkpoi
     assert len(seen) == 3  # prefill and two steps through the plain model
     model.compile_decoding(False)
     assert compiled.compile_seconds(model) == {}
+
+
+@pytest.mark.skipif(not kernels.available("mkldnn", torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+def test_compiled_bf16_step_matches_the_eager_decoder(make_checkpoint) -> None:
+    """bf16 on oneDNN, where the decoder's c_fc carries the GELU: the compiled step calls the
+    decoder's own products, so its logits stay with the eager step's."""
+    directory, _ = make_checkpoint(seed=41)
+    eager = GPT2.from_pretrained(directory, device="cpu", dtype=torch.bfloat16)
+    model = GPT2.from_pretrained(directory, device="cpu", dtype=torch.bfloat16, compile=True)
+    ids = _ids(1, 6, seed=12)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    with kernels.force("mkldnn"):
+        want, got = eager.generate(ids, **kw), model.generate(ids, **kw)
+    assert compiled.compile_seconds(model)
+    differ = (got.sequences != want.sequences)[0, 6:].nonzero()
+    n = int(differ[0]) if len(differ) else 6
+    for a, b in zip(got.logits[: n + 1], want.logits[: n + 1]):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max()
 
 
 def test_compile_flag_is_checked(make_checkpoint) -> None:

@@ -916,3 +916,21 @@ def test_one_token_attention_is_as_close_to_exact_as_sdpa(dtype) -> None:
     assert (got.double() - exact).abs().max() <= (fused.double() - exact).abs().max() * 1.01
     unmasked = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
     assert (fast.one_token_attention(q, k, v, None, 0.3).double() - unmasked).abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not kernels.available("mkldnn", torch.bfloat16), reason="no oneDNN bf16 on this CPU")
+def test_half_precision_mlp_carries_its_gelu_in_the_product(make_checkpoint) -> None:
+    """bf16 with oneDNN for a prompt's rows: c_fc's product applies GPT-2's (tanh) GELU in its
+    epilogue; the prompt's logits stay within bf16 noise of the plain model, with its tokens."""
+    directory, _ = make_checkpoint(seed=23)
+    model = GPT2.from_pretrained(directory, device="cpu", dtype=torch.bfloat16)
+    ids = _ids(2, kernels.ROWS + 7, seed=5)  # more rows than a step: the prompt's kernels
+
+    with kernels.force("mkldnn"), torch.inference_mode():  # a forced half kernel serves the rows too
+        dec = _decoder(model, 2)
+        assert all(layer[6] is fast._identity for layer in dec.layers_rows)  # no GELU pass of its own
+        assert not any(layer[6] is fast._identity for layer in dec.layers)  # steps: a separate GELU
+        got = dec.logits(dec.hidden(ids, torch.arange(ids.shape[1])[None], None, None, last_only=False))
+        want = model(ids).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
