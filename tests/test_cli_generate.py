@@ -65,6 +65,16 @@ def test_generate_streams_what_transformers_samples(ckpt: tuple[Path, Any]) -> N
     assert r.stdout == hf_text(hf, PROMPT, seed=3, max_new_tokens=12, do_sample=True) + "\n"
 
 
+def test_generate_compile_prints_the_same_greedy_text(ckpt: tuple[Path, Any]) -> None:
+    """--compile: the compiled decode step (CUDA graphs where a GPU is; here inductor on the
+    CPU), the same text as transformers' greedy continuation."""
+    d, hf = ckpt
+    r = run_cli("generate", PROMPT, "--model", str(d), "--max-new-tokens", "8", "--greedy", "--compile",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == hf_text(hf, PROMPT, max_new_tokens=8) + "\n"
+
+
 def test_generate_greedy_and_beams_num_samples(ckpt: tuple[Path, Any]) -> None:
     d, hf = ckpt
     r = run_cli("generate", PROMPT, "--model", str(d), "--max-new-tokens", "8", "--greedy",

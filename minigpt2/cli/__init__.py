@@ -49,11 +49,13 @@ def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, model_requ
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):  # noqa: ANN201 - (GPT2, Tokenizer)
-    """The model and tokenizer named by --model / --device / --dtype."""
+    """The model and tokenizer named by --model / --device / --dtype (and --compile where a
+    command has it)."""
     from ..model import GPT2
     from ..tokenizer import Tokenizer
 
-    model = GPT2.from_pretrained(args.model, device=args.device, dtype=getattr(args, "dtype", None))
+    model = GPT2.from_pretrained(args.model, device=args.device, dtype=getattr(args, "dtype", None),
+                                 compile=getattr(args, "compile", False))  # fmt: skip
     return model, Tokenizer.from_pretrained(args.model)
 
 

@@ -129,6 +129,9 @@ def register(sub: Any) -> None:
     p.add_argument("--logprobs", type=_int_at_least(0), default=None, metavar="K",
                    help="print each new token with its log-probability (the model's raw distribution) and the K "
                         "most likely alternatives, one line per token")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step (torch.compile; CUDA graphs on a GPU, several times "
+                        "faster there): the first token waits for the compilation, tens of seconds")
     p.set_defaults(func=run_generate)
 
     c = sub.add_parser(
