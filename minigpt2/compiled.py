@@ -220,7 +220,10 @@ def static_cache(model: GPT2, batch_size: int, max_len: int) -> KVCache:
     cache alive at the same time (two interleaved ``stream`` generators) gets a buffer of its
     own (the graph is recorded once more for that address). Zeroed on every checkout: slots
     not yet written are read by attention (masked), and a masked slot must not hold a NaN or
-    an inf from an earlier sequence (0 x inf is NaN)."""
+    an inf from an earlier sequence (0 x inf is NaN).
+
+    The pool keeps every buffer it made, per (batch size, length bucket, dtype, device), for
+    the model's life: ``model.compile_decoding(False)`` frees them (and the compiled step)."""
     from .cache import KVCache
 
     c = model.config
@@ -252,11 +255,12 @@ class GraphStep:
     def __init__(self, model: GPT2) -> None:
         t, c = model.transformer, model.config
         self.shape = (c.n_embd, c.n_head, c.head_dim)
-        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.normalized_shape, t.ln_f.weight,
-                                                                     t.ln_f.bias, t.ln_f.eps)  # fmt: skip
+        # Modules, not their tensors: the step reads each parameter through its module when it is
+        # traced, so dynamo guards on it and a parameter replaced later (``ln.weight = ...``,
+        # ``load_state_dict(assign=True)``) is traced again rather than read stale.
+        self.wte, self.wpe, self.ln_f = t.wte, t.wpe, t.ln_f
         self.layers = [
-            (fast._norm(b.ln_1), b.attn.c_attn, b.attn._sdpa, b.attn.c_proj, fast._norm(b.ln_2), b.mlp.c_fc,
-             b.mlp.act, b.mlp.c_proj)  # fmt: skip
+            (b.ln_1, b.attn.c_attn, b.attn._sdpa, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.act, b.mlp.c_proj)
             for b in t.h
         ]
         # CUDA graphs on CUDA; elsewhere (the tests' CPU runs) inductor alone.
@@ -270,20 +274,20 @@ class GraphStep:
         B = ids.shape[0]
         C, nh, hs = self.shape
         L = kv.shape[4]
-        x = (F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)).view(B, C)
+        x = (F.embedding(ids, self.wte.weight) + F.embedding(positions, self.wpe.weight)).view(B, C)
         # Key slots this token may see: the ones written so far and itself, and not padding.
         visible = torch.arange(L, device=ids.device) <= slot  # (L,)
         if keep is not None:
             visible = visible & keep  # (B, L)
         mask = visible.view(-1, 1, 1, L)
         for i, (ln_1, c_attn, sdpa, attn_proj, ln_2, c_fc, act, mlp_proj) in enumerate(self.layers):
-            qkv = c_attn(torch.layer_norm(x, *ln_1)).view(B, 3, nh, hs)
+            qkv = c_attn(torch.layer_norm(x, *fast._norm(ln_1))).view(B, 3, nh, hs)
             # Write this token's k and v at the slot, in place (gpt-fast's index_put on a static buffer).
             kv[i][:, :, :, slot] = qkv[:, 1:].transpose(0, 1).unsqueeze(3)  # (2, B, nh, 1, hs)
             y = sdpa(qkv[:, 0].unsqueeze(2), kv[i, 0], kv[i, 1], mask)  # (B, nh, 1, hs)
             x = x + attn_proj(y.transpose(1, 2).reshape(B, C))
-            x = x + mlp_proj(act(c_fc(torch.layer_norm(x, *ln_2))))
-        return F.linear(torch.layer_norm(x, *self.ln_f), self.wte).float()
+            x = x + mlp_proj(act(c_fc(torch.layer_norm(x, *fast._norm(ln_2)))))
+        return F.linear(torch.layer_norm(x, *fast._norm(self.ln_f)), self.wte.weight).float()
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                  cache: KVCache) -> torch.Tensor:  # fmt: skip
@@ -300,6 +304,8 @@ class GraphStep:
         first = signature not in self.compile_seconds
         t = time.perf_counter()
         # A new iteration for CUDA graph trees: the last step's output buffers may be reused.
+        # (Process-wide: outputs of another reduce-overhead model held across this call would
+        # be marked reusable too; clone those, as torch asks of any graph output kept.)
         torch.compiler.cudagraph_mark_step_begin()
         logits = self.compiled(ids, positions, keep, cache.kv, slots.narrow(0, start, 1))
         if first:
@@ -368,6 +374,7 @@ def enable(model: GPT2, enabled: bool = True) -> None:
 
 def compile_seconds(model: GPT2) -> dict[str, float]:
     """Seconds each compilation of the model's decode step took, by signature ({} if none
-    yet); on CUDA a signature's first call includes recording its graph."""
+    yet): the first call of each signature. (On CUDA, torch's graph trees record the graph on
+    the signature's second call, which these seconds do not include.)"""
     step = _steps.get(model) or _graph_steps.get(model)
     return {} if step is None else dict(step.compile_seconds)

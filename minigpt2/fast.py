@@ -276,7 +276,7 @@ def _attention(attn: GPT2Attention) -> Callable[..., torch.Tensor]:
     scale = attn.scale
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if q.shape[2] == 1 and q.dtype != torch.float32:
+        if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
             return one_token_attention(q, k, v, mask, scale)
         is_causal = mask is None and q.shape[2] > 1  # as _sdpa: no mask and one new token sees every key
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -461,7 +461,10 @@ class Decoder:
         if ids.numel() > kernels.ROWS or (self.threads is None and not self.numpy_step):
             return self.logits(self.hidden(ids, positions, mask, cache, last_only))
         threads = self.threads
-        step = last_only  # a check of several drafts does not teach StepThreads a step's time
+        # Only one-token steps teach StepThreads a step's time (not a short prompt, nor a check of
+        # several drafts: a 64-token prompt on the team took over 2x a one-thread step and sent
+        # every generate call back to one thread).
+        step = last_only and ids.shape[1] == 1
         if threads is None:
             n = self.user_threads
         else:

@@ -883,10 +883,10 @@ def stream(
         for step in minigpt2.stream(model, tok, "Once upon a time", max_new_tokens=50):
             print(step.text, end="", flush=True)
     """
-    if isinstance(tokenizer, (torch.Tensor, str, list, tuple)):  # model.stream(ids): a common slip
+    if tokenizer is not None and not hasattr(tokenizer, "decode_bytes"):  # model.stream(ids): a common slip
         raise ValueError(
-            f"stream's first argument is the tokenizer (or None), got a {type(tokenizer).__name__}; "
-            f"pass the prompt as the second: stream(tokenizer, input_ids, ...) or input_ids=..."
+            f"stream takes the tokenizer (or None) before the prompt, got a {type(tokenizer).__name__} there: "
+            f"model.stream(tokenizer, input_ids, ...) or minigpt2.stream(model, tokenizer, input_ids, ...)"
         )
     if isinstance(input_ids, str):
         if tokenizer is None:

@@ -419,6 +419,8 @@ class GPT2(nn.Module):
         max_len = c.n_positions if max_len is None else max_len
         if max_len > c.n_positions:
             raise ValueError(f"max_len={max_len} exceeds n_positions={c.n_positions}")
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"batch_size={batch_size} and max_len={max_len} must be positive")
         w = self.transformer.wte.weight
         if self._compile_decoding:
             from . import compiled

@@ -174,6 +174,36 @@ def test_graph_step_ends_rows_as_transformers(graph_pair) -> None:
         model.generate(ids, max_new_tokens=4, suppress_tokens=list(range(1000)))
 
 
+def test_graph_step_reads_replaced_parameters_and_serves_the_engine(make_checkpoint, monkeypatch) -> None:
+    """A parameter replaced after the first generation (not edited in place) is what the next
+    steps read; the serve engine's slot memory runs the plain model (no GraphDecoder there);
+    make_cache checks its sizes on the graph path too."""
+    from minigpt2.serve.model_runner import ModelRunner
+
+    monkeypatch.setattr(compiled, "uses_graphs", lambda model: True)
+    directory, _ = make_checkpoint(seed=43, n_positions=300)
+    model = GPT2.from_pretrained(directory, device="cpu", compile=True)
+    plain = GPT2.from_pretrained(directory, device="cpu")
+    ids = _ids(1, 5, seed=13)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    model.generate(ids, **kw)
+    for m in (model, plain):
+        g = torch.Generator().manual_seed(0)
+        for b in m.transformer.h:
+            b.ln_2.weight = torch.nn.Parameter(torch.randn(b.ln_2.weight.shape, generator=g))
+        m.transformer.ln_f.bias = torch.nn.Parameter(torch.randn(m.transformer.ln_f.bias.shape, generator=g))
+    got, want = model.generate(ids, **kw), plain.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    runner = ModelRunner(model, 2)
+    logits, hidden = runner.prefill(0, [1, 2, 3], all_positions=True)
+    assert hidden.shape == (3, model.config.n_embd) and logits.shape == (1, model.config.vocab_size)
+    for bad in ((1, 0), (0, 10), (1, -3)):
+        with pytest.raises(ValueError, match="must be positive"):
+            model.make_cache(*bad)
+
+
 def test_graph_step_interleaved_streams_keep_their_own_caches(graph_pair) -> None:
     model, _ = graph_pair
     a, b = _ids(1, 5, seed=6), _ids(1, 9, seed=7)

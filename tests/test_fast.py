@@ -780,6 +780,21 @@ def test_step_threads_weigh_the_team_by_whole_steps() -> None:
     assert small.next() == 1
 
 
+def test_a_short_prompt_is_not_timed_as_a_step(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt of up to kernels.ROWS rows runs on the step kernels, but only one-token steps
+    are recorded: a prompt's time would send the steps back to one thread at every call."""
+    model, _ = pair
+    recorded = []
+    monkeypatch.setattr(fast.StepThreads, "record", lambda self, n, seconds: recorded.append(n))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.generate(_ids(1, 40, seed=3), max_new_tokens=4, min_new_tokens=4)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(recorded) == 3  # the three one-token steps, not the 40-token prompt
+
+
 def test_step_threads_switched_off_or_single(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fast.ENV_THREADS, "0")
     assert fast.StepThreads.current_for(None) is None

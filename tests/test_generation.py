@@ -493,8 +493,10 @@ def test_stream_checks_arguments_before_the_first_step(tiny: Any) -> None:
         model.stream(None, [1, 2], max_new_tokens=3, top_p=2.0)  # raised at the call, not at next()
     with pytest.raises(ValueError, match="num_beams"):
         model.stream(None, [1, 2], max_new_tokens=3, num_beams=2)
-    with pytest.raises(ValueError, match="first argument is the tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer .or None. before the prompt, got a Tensor"):
         model.stream(torch.tensor([[1, 2]]), max_new_tokens=3)  # the prompt where the tokenizer goes
+    with pytest.raises(ValueError, match="got a list"):
+        model.stream([1, 2], max_new_tokens=3)
 
 
 # --------------------------------------------------------------------------- the loop itself

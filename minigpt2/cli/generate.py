@@ -131,7 +131,8 @@ def register(sub: Any) -> None:
                         "most likely alternatives, one line per token")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step (torch.compile; CUDA graphs on a GPU, several times "
-                        "faster there): the first token waits for the compilation, tens of seconds")
+                        "faster there; on a CPU about as fast as without): the first token waits for the "
+                        "compilation, tens of seconds")
     p.set_defaults(func=run_generate)
 
     c = sub.add_parser(

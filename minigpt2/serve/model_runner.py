@@ -113,7 +113,10 @@ class ModelRunner:
         (prepared for the largest batch, so that at most two prepared weight sets are held)."""
         key = 1 if n == 1 else self.max_batch_size
         if key not in self._decoders:
-            self._decoders[key] = fast.decoder(self.model, key)
+            dec = fast.decoder(self.model, key)
+            # The CPU fast path only: a compiled CUDA model's GraphDecoder needs its static cache,
+            # which the engine's slot memory is not (its rows run the plain model).
+            self._decoders[key] = dec if isinstance(dec, fast.Decoder) else None
         return self._decoders[key]
 
     @torch.inference_mode()
