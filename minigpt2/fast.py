@@ -16,13 +16,12 @@ generation with that overhead taken out, and nothing else changed:
   last position only. With the plain kernel, fp32 results are bit-identical to the plain
   path (and so to transformers), GPT-2's GELU included: in fp32 it is the 8-step formula
   computed in place (the same operations in the same order, one allocation instead of 7);
-- two deliberate differences, in half precision only: GPT-2's GELU is PyTorch's fused tanh
+- two deliberate differences, in half precision only. GPT-2's GELU is PyTorch's fused tanh
   GELU (the same function computed in fp32 and rounded once) instead of 8 bf16-rounded steps,
   closer to the exact function and 0.4 ms a token faster on the 124M model (for a prompt's
-  rows on oneDNN, in the epilogue of c_fc's product, without rounding the pre-activation
-  to half precision first); and a decode
-  step's attention runs in fp32 (:func:`one_token_attention`), 2-4x faster than PyTorch's
-  bf16 SDPA kernel for one query. (In fp32 the
+  rows on oneDNN, in the epilogue of c_fc's product, without rounding the pre-activation to
+  half precision first). And a decode step's attention runs in fp32
+  (:func:`one_token_attention`), 2-4x faster than PyTorch's bf16 SDPA for one query. (In fp32 the
   fused kernel is 3-5x faster too but not the same bits: ~1 % of its outputs differ from
   NewGELUActivation's by up to ~1 float32 eps x |x|; fp32 keeps the exact formula so that a
   prompt's logits stay bit-identical to transformers' whatever the step kernel.)
@@ -55,6 +54,7 @@ from .kernels import PreparedLinear
 
 if TYPE_CHECKING:
     from .cache import KVCache
+    from .compiled import GraphDecoder
     from .model import GPT2, Conv1D, GPT2Attention
 
 
@@ -204,7 +204,7 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
             p.batch, p.forced = bucket, forced
             return p
         # Drop the old copies before building new ones (the local name held them too: switching
-        # gpt2-xl fp32 from numpy's copies to oneDNN's peaked at 19.5 GB instead of ~13).
+        # gpt2-xl fp32 from numpy's copies to oneDNN's peaked at 19.5 GB instead of 14.2).
         _prepared.pop(model, None)
         p = None
         prepared = [PreparedLinear(block_kernel, w, b, bucket, block_inner) for w, b in blocks]
@@ -461,9 +461,9 @@ class Decoder:
         if ids.numel() > kernels.ROWS or (self.threads is None and not self.numpy_step):
             return self.logits(self.hidden(ids, positions, mask, cache, last_only))
         threads = self.threads
-        # Only one-token steps teach StepThreads a step's time (not a short prompt, nor a check of
-        # several drafts: a 64-token prompt on the team took over 2x a one-thread step and sent
-        # every generate call back to one thread).
+        # Only one-token steps teach StepThreads a step's time: a short prompt (up to kernels.ROWS
+        # tokens) or a check of several drafts can take several steps' time, which would read as
+        # a contended team and send the steps back to one thread at every call.
         step = last_only and ids.shape[1] == 1
         if threads is None:
             n = self.user_threads
@@ -630,9 +630,10 @@ def between_steps(dec: Decoder | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def decoder(model: GPT2, batch_size: int) -> Decoder | None:
+def decoder(model: GPT2, batch_size: int) -> Decoder | GraphDecoder | None:
     """The fast path for generating ``batch_size`` rows, or None where it may not run
-    (see :func:`usable`): then the caller runs the plain model."""
+    (see :func:`usable`): then the caller runs the plain model. With ``compile_decoding`` on
+    CUDA, the CUDA-graph decoder (compiled.GraphDecoder)."""
     hooks = _HookWatch(model)  # one walk over the modules serves the check now and before every step
     if getattr(model, "_compile_decoding", False):
         from . import compiled
