@@ -150,7 +150,7 @@ class PreparedLinear:
         if kernel == "mkldnn":
             self.mm = functools.partial(_mkldnn_linear, weight=self.weight, bias=b)
             # The same product with the tanh GELU applied in oneDNN's epilogue, on the fp32
-            # accumulator (fast.py uses it for half-precision MLPs: one pass over the
+            # accumulator (fast.py uses it for half-precision prompt rows: one pass over the
             # activation fewer, and one rounding fewer).
             self.mm_gelu_tanh = functools.partial(_mkldnn_linear_gelu_tanh, weight=self.weight, bias=b)
         elif b is None:
