@@ -1,4 +1,6 @@
-"""Decoding on a CUDA GPU, one run, the same random weights for every engine:
+"""Decoding speed on a CUDA GPU: minigpt2 eager and compiled against transformers, in one run.
+
+The same random weights for every engine:
 
     python scripts/bench_cuda.py                         # the 124M shape, fp32 and bf16
     python scripts/bench_cuda.py --shape xl --dtype bf16  # the gpt2-xl shape (1.5B)
@@ -31,9 +33,9 @@ import warnings
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--shape", nargs="+", default=["124M"], choices=["124M", "xl"], help="model shapes (default: 124M)")
-parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="weight dtypes")
-parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median)")
-parser.add_argument("--new", type=int, default=128, help="new tokens per run")
+parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="weight dtypes (default: fp32 bf16)")
+parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median; default 5)")
+parser.add_argument("--new", type=int, default=128, help="new tokens per run (default 128)")
 parser.add_argument("--no-hf-static", action="store_true", help="skip transformers' compiled static cache")
 parser.add_argument("--engine", nargs="+", default=None, help="run only the engines whose names contain one of these")
 parser.add_argument("--json", default=None, help="write the rows as JSON here (rewritten after each row)")

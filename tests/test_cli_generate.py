@@ -73,6 +73,9 @@ def test_generate_compile_prints_the_same_greedy_text(ckpt: tuple[Path, Any]) ->
                 "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout == hf_text(hf, PROMPT, max_new_tokens=8) + "\n"
+    r = run_cli("generate", PROMPT, "--model", str(d), "--greedy", "--compile", "--prompt-lookup", "3")
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr, "--compile", "assisted decoding")
 
 
 def test_generate_greedy_and_beams_num_samples(ckpt: tuple[Path, Any]) -> None:

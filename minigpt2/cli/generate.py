@@ -207,6 +207,11 @@ def run_generate(args: argparse.Namespace) -> int:
                        "not --num-beams", code=2)
     if args.num_beams > 1 and args.logprobs is not None:
         raise CLIError("--logprobs streams token by token; beam search cannot (drop --num-beams)", code=2)
+    if args.compile and (args.assistant is not None or args.prompt_lookup is not None):
+        # Assisted decoding checks several drafts per forward: the one-token step --compile
+        # compiles would hardly run, so the flag would be silently ignored.
+        raise CLIError("--compile compiles the one-token step, which assisted decoding (--assistant, "
+                       "--prompt-lookup) does not use: give one or the other", code=2)
     _check_flag_combinations(args)
     model, tokenizer = load_model_and_tokenizer(args)
     ids = _prompt_ids(tokenizer, args.prompt)
