@@ -144,6 +144,8 @@ def test_missing_model_directory_exit_1(tmp_path: Path) -> None:
         (["--num-samples", "0"], "num-samples"),
         (["--repetition-penalty", "0"], "repetition-penalty"),
         (["--dtype", "int8"], "dtype"),
+        (["--device", "tpu"], "'tpu' is not a device"),  # a typo; a device this machine lacks is exit 1
+        (["--device", "cuda:x"], "--device"),
         (["--max-new-tokens", "0"], "max-new-tokens"),
         (["--min-p", "1.5"], "min-p"),
         (["--typical-p", "0"], "typical-p"),

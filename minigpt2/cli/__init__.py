@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -34,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(message, code=2)
 
 
+def device_name(text: str) -> str:
+    """argparse type of --device: cpu, cuda, cuda:N or mps, as written (a typo is a usage error,
+    exit 2; a device this machine lacks is found when the model loads, exit 1)."""
+    if re.fullmatch(r"cpu|mps|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda, cuda:N or mps")
+    return text
+
+
 def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, model_required: bool = False) -> None:
     """--model, --device (and --dtype): every command takes the checkpoint the same way
     (``model_required``: no default, for a command that should not quietly serve gpt2)."""
@@ -42,7 +51,7 @@ def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, model_requ
     else:
         p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
                        help=f"Hub repo id or local checkpoint directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--device", default=None, type=device_name, help="cpu, cuda, cuda:N or mps (default: the best available)")
     if dtype:
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weight dtype (default: float32)")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import DEFAULT_MODEL, CLIError
+from . import DEFAULT_MODEL, CLIError, device_name
 from .generate import _int_at_least, _positive_float
 
 #: The input when none is given: the prompt of GPT-2's unicorn sample (Radford et al., 2019).
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--reference", default=None, metavar="NAME_OR_PATH",
                       help="checkpoint transformers runs as the reference (default: the same as --model); "
                       "e.g. the original of a converted or quantised --model")
-    what.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps, for both (default: the best available)")
+    what.add_argument("--device", default=None, type=device_name, help="cpu, cuda, cuda:N or mps, for both (default: the best available)")
     what.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                       help="weights of the model under test; bfloat16/float16 are held against the float32 reference "
                       "by top-1 agreement and worst margin (with --dump: the precision the dump was computed in)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training import STATE_JSON, TrainConfig, check_resume_source, train
-from . import CLIError
+from . import CLIError, device_name
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _RUN_FLAGS: list[str] = []  # the TrainConfig fields set by opt() flags: a resumed run keeps its own
@@ -76,7 +76,7 @@ def register(sub: Any) -> None:
     opt("--seed", int, "random seed", "S")
     opt("--dropout", float, "override the config's dropout probabilities (default: the config's)", "P")
     opt("--cache-dir", str, "where tokenized data is cached (default: ~/.cache/minigpt2/tokens)", "DIR")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--device", default=None, type=device_name, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="autocast precision; weights and optimizer state stay fp32 (default: bf16 on CUDA, else fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
