@@ -42,6 +42,17 @@ def ckpt(gpt2_tiny_vocab_checkpoint: tuple[Path, Any]) -> tuple[Path, Any]:
     return gpt2_tiny_vocab_checkpoint
 
 
+def _with_generation_config(checkpoint: Path, dest: Path, **settings: Any) -> Path:
+    """A copy of ``checkpoint`` at ``dest`` whose generation_config.json has ``settings`` on top."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, dest)
+    path = dest / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    return dest
+
+
 def hf_text(hf: Any, prompt: str, seed: int | None = None, **kw: Any) -> str:
     """What the CLI should print for one sample: the prompt, then transformers' continuation."""
     tok = Tokenizer()
@@ -245,15 +256,8 @@ def test_logprobs_lines(ckpt: tuple[Path, Any], capsys: pytest.CaptureFixture[st
 
 def test_checkpoint_generation_config_is_the_cli_default(ckpt: tuple[Path, Any], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-    import shutil
-
     d, hf = ckpt
-    ft = tmp_path / "ft"
-    shutil.copytree(d, ft)
-    gc = json.loads((ft / "generation_config.json").read_text())
-    gc.update(top_k=1, max_new_tokens=6)  # sampling with top-k 1 is greedy; 6 new tokens
-    (ft / "generation_config.json").write_text(json.dumps(gc))
+    ft = _with_generation_config(d, tmp_path / "ft", top_k=1, max_new_tokens=6)  # top-k 1 is greedy; 6 new tokens
     assert main(["generate", PROMPT, "--model", str(ft), "--seed", "1"]) == 0
     assert capsys.readouterr().out == hf_text(hf, PROMPT, max_new_tokens=6) + "\n"
 
@@ -302,14 +306,8 @@ def test_unreachable_hub_fails_fast_with_one_line(tmp_path: Path) -> None:
 
 def test_a_bad_checkpoint_setting_fails_before_the_prompt_is_echoed(ckpt: tuple[Path, Any], tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-    import shutil
-
     d, _ = ckpt
-    bad = tmp_path / "bad"
-    shutil.copytree(d, bad)
-    gc = json.loads((bad / "generation_config.json").read_text())
-    (bad / "generation_config.json").write_text(json.dumps({**gc, "top_p": 5}))
+    bad = _with_generation_config(d, tmp_path / "bad", top_p=5)
     for extra in ([], ["--logprobs", "1"], ["--num-samples", "2"]):
         assert main(["generate", PROMPT, "--model", str(bad), "--max-new-tokens", "2", *extra]) == 1
         captured = capsys.readouterr()

@@ -417,6 +417,17 @@ def test_loading_does_not_hold_two_copies(gpt2_checkpoint):
 
 
 # -------------------------------------------------------------------------- Hub
+
+def _run_offline(script: str, tmp_path: Path) -> list[str]:
+    """stdout lines of ``python -c script`` offline, with an empty Hub cache of its own."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()
+
+
 def test_hub_offline_without_cache_names_the_repo(tmp_path):
     """A repo id that is neither cached nor reachable: ValueError naming it, no library type."""
     script = textwrap.dedent(
@@ -430,13 +441,8 @@ def test_hub_offline_without_cache_names_the_repo(tmp_path):
                 print(type(e).__module__, type(e).__name__, "|", str(e).replace("\\n", " "))
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    env.pop("HUGGINGFACE_HUB_CACHE", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2, out.stdout
+    lines = _run_offline(script, tmp_path)
+    assert len(lines) == 2, lines
     for line, repo in zip(lines, ("'gpt2'", "'openai-community/gpt2-medium'")):
         assert line.startswith("builtins ValueError |"), line
         assert repo in line, line
@@ -458,12 +464,7 @@ def test_generation_config_of_an_official_name_offline(tmp_path):
             print("ValueError", str(e).replace("\\n", " "))
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
-    env.pop("HUGGINGFACE_HUB_CACHE", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
+    lines = _run_offline(script, tmp_path)
     # transformers 5 also writes the model-config flags it keeps (use_cache, output_*), which
     # are not generation settings; the official file holds bos / eos and the provenance flag.
     derived = transformers.GenerationConfig.from_model_config(transformers.GPT2Config()).to_diff_dict()
