@@ -23,6 +23,12 @@ and the torch build; measured on the hosts here (see docs/performance.md):
   ``torch.ops.mkldnn._linear_pointwise``. On CPUs with AMX / AVX512-bf16 it is by far the
   fastest bf16 path, and at batch > 1 also in fp32. Private torch ops, so they sit behind
   :func:`available`, which runs them once on a small matrix and checks the result.
+- ``native``: minigpt2's own kernel (native.py, native/linear.c), compiled for the host on
+  first use where a C compiler with OpenMP is found: fp32 weights as [out, in] (a copy for
+  Conv1D, the embedding itself for the unembedding), half-precision weights in a packed
+  layout (a copy), widened to fp32 on the fly. It runs on torch's own OpenMP team (no
+  second thread pool, unlike ``numpy``), and it gives a bf16 model half of fp32's bytes to
+  stream on CPUs without native bf16, where ``mkldnn`` has no bf16 kernel.
 - ``upcast`` (bf16 / fp16 weights only): an fp32 copy of the weights, multiplied in fp32
   (oneDNN's prepacked fp32 kernel where available) and rounded back to the weights' dtype.
   On CPUs without native half-precision arithmetic (no AVX512-bf16 / AMX: oneDNN has no
@@ -36,7 +42,7 @@ while other processes compete for the cores can crown the wrong kernel, so one s
 decides for good only when it is quiet and clear; otherwise the next few processes measure
 again and the decision is taken from all samples together (see :func:`decide`).
 :func:`choose_rows` does the same for many-row products (a prompt's prefill). The
-environment variable ``MINIGPT2_KERNEL`` (``plain``, ``transposed``, ``numpy``, ``mkldnn``, ``upcast``)
+environment variable ``MINIGPT2_KERNEL`` (``plain``, ``transposed``, ``native``, ``numpy``, ``mkldnn``, ``upcast``)
 or :func:`force` overrides the choice, so tests can run every candidate on whatever host
 they land on.
 """
@@ -58,9 +64,11 @@ from pathlib import Path
 
 import torch
 
+from . import native
+
 #: The candidates, in order of preference when measurements tie (plain costs no memory;
-#: upcast costs the most).
-KERNELS = ("plain", "transposed", "numpy", "mkldnn", "upcast")
+#: upcast costs the most; native before numpy: the same copies, and no second thread pool).
+KERNELS = ("plain", "transposed", "native", "numpy", "mkldnn", "upcast")
 
 #: Measurements within this fraction of the fastest count as a tie (the run-to-run noise of
 #: one choice on a quiet host here is ~1-2 %).
@@ -74,7 +82,7 @@ CLEAR = 0.10
 SAMPLES = 3
 #: Part of every cache key: raised when the rule that settles a decision changes, so that
 #: decisions an older rule settled (possibly under load) are measured again.
-DECISIONS_VERSION = 2
+DECISIONS_VERSION = 3  # 3: the native kernel joined the candidates
 
 #: After the first timed round, a candidate this many times slower than the fastest is not
 #: timed further; one ABSURD times slower than the fastest is cut short in the warm-up
@@ -131,6 +139,15 @@ class PreparedLinear:
             self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else w.numel() * w.element_size()
             self.mm = _numpy_linear(self.weight, b)
             return
+        elif kernel == "native":
+            lib = native.library()
+            if lib is None or w.dtype not in lib.dtypes or w.device.type != "cpu":
+                raise ValueError(f"kernel 'native' is not available for {w.dtype} on {w.device.type} here")
+            is_packed = native.uses_packed(w.dtype, w.shape[1], lib)
+            self.weight = native.packed(w, lib) if is_packed else w.contiguous()
+            self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else self.weight.numel() * w.element_size()
+            self.mm = _native_linear(self.weight, b, self.out_features, w.shape[1], is_packed, lib)
+            return
         elif kernel == "upcast":
             if w.dtype not in HALF:
                 raise ValueError(f"kernel 'upcast' is for bf16 / fp16 weights, not {w.dtype}")
@@ -176,6 +193,27 @@ def _numpy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[
         if b is not None:
             y += b
         return torch.from_numpy(y)
+
+    return mm
+
+
+def _native_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, out_features: int, n_in: int, is_packed: bool,
+    lib: native.Library,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (N, in) -> x @ W^T + b (N, out) by the native kernel, its constant arguments bound once
+    (the closure keeps the weight and bias alive: the library only sees their addresses)."""
+    bias = None if bias is None else bias.contiguous()
+    fn, code, dtype, packed_flag = lib.fn, native.DTYPES[weight.dtype], weight.dtype, int(is_packed)
+    w_ptr, b_ptr = weight.data_ptr(), None if bias is None else bias.data_ptr()
+
+    def mm(x: torch.Tensor, _keep: tuple = (weight, bias)) -> torch.Tensor:
+        if x.dtype != dtype or x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":
+            raise ValueError(f"native kernel: x must be ({n_in},) rows of {dtype} on the CPU, got {tuple(x.shape)} {x.dtype}")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], out_features, dtype=dtype)
+        fn(code, packed_flag, w_ptr, b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], out_features, n_in)
+        return y
 
     return mm
 
@@ -300,6 +338,10 @@ def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
     elif kernel == "numpy":
         if dtype != torch.float32 or numpy_blas_threads() is None:
             return False
+    elif kernel == "native":
+        lib = native.library()
+        if lib is None or dtype not in lib.dtypes:
+            return False
     elif dtype not in (torch.float32, torch.bfloat16):
         return False  # fp16 on CPU: plain, or upcast
     if kernel == "mkldnn" and not _mkldnn_ops_present(dtype):
@@ -307,13 +349,18 @@ def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
     try:
         with torch.inference_mode(False), torch.no_grad():
             g = torch.Generator().manual_seed(0)
-            w = torch.randn(24, 40, generator=g).to(dtype)  # (out, in)
-            b = torch.randn(24, generator=g).to(dtype)
-            x = torch.randn(3, 40, generator=g).to(dtype)
-            want = torch.addmm(b.float(), x.float(), w.float().t())
-            got = PreparedLinear(kernel, w, b, 1)(x).float()
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        return got.shape == want.shape and bool(((got - want).abs().max() <= tol * want.abs().max()).item())
+            ok = True
+            # (out, in): a tail of inputs past the vector width, and (native's packed layout for
+            # half precision) a width multiple with a partial group of rows
+            for out_f, in_f in ((24, 40), (20, 64)):
+                w = torch.randn(out_f, in_f, generator=g).to(dtype)
+                b = torch.randn(out_f, generator=g).to(dtype)
+                x = torch.randn(3, in_f, generator=g).to(dtype)
+                want = torch.addmm(b.float(), x.float(), w.float().t())
+                got = PreparedLinear(kernel, w, b, 1)(x).float()
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                ok = ok and got.shape == want.shape and bool(((got - want).abs().max() <= tol * want.abs().max()).item())
+        return ok
     except Exception:  # noqa: BLE001 - any failure of a private op means: do not use it
         return False
 
@@ -510,8 +557,12 @@ def choose(
         return "plain"
     allowed = list(candidates or KERNELS)
     candidates = [k for k in allowed if available(k, dtype, device)]
-    if "numpy" in candidates and numpy_blas_threads() != torch.get_num_threads():
-        candidates.remove("numpy")  # it would not run on the user's thread count
+    if "numpy" in candidates and ("native" in candidates or numpy_blas_threads() != torch.get_num_threads()):
+        # Not with the native kernel at hand: both stream as fast (a same-process A/B of 128 fp32
+        # tokens here: 68.8 against 68.6 tok/s), but OpenBLAS's threads spin ~0.1 s after each
+        # call against torch's (a bf16 prefill right after an fp32 generate ran 15-20 % slower).
+        # Nor where it would not run on the user's thread count.
+        candidates.remove("numpy")
     if len(candidates) == 1:
         return candidates[0]
     key = decision_key(role, [tuple(w.shape) for w, _ in matrices], dtype, batch_size)
@@ -650,7 +701,8 @@ def choose_rows(
       native half arithmetic, where torch's half GEMM is ~50x slower than fp32 (not worth
       measuring); where it is native, the step kernel or ``upcast``, measured on ``rows``
       rows of ``matrices`` (one block's) and cached like :func:`choose`, because an emulated
-      half GEMM may still lose to fp32. A step kernel of ``upcast`` serves rows too.
+      half GEMM may still lose to fp32. A step kernel of ``upcast`` serves rows too; a step
+      kernel of ``native`` (a GEMV) is measured as ``plain`` instead (torch's half GEMM).
     """
     w0 = matrices[0][0]
     dtype, device = w0.dtype, w0.device
@@ -660,17 +712,22 @@ def choose_rows(
         return "upcast"
     name = forced()
     if name is not None:
-        return "upcast" if name == "upcast" else step_kernel
+        if name == "upcast":
+            return "upcast"
+        return ("plain" if native_half(dtype) else "upcast") if step_kernel == "native" else step_kernel
     if not native_half(dtype):
         return "upcast"
+    # The native kernel is a GEMV: a prompt's GEMMs go to torch's own half-precision addmm on the
+    # parameters (oneDNN's GEMM where the half arithmetic is native; no copy) or the upcast.
+    rival = "plain" if step_kernel == "native" else step_kernel
     key = decision_key(f"{role} after {step_kernel}", [tuple(w.shape) for w, _ in matrices], dtype, f"{rows} rows")
 
     def sample() -> Sample:
         with torch.no_grad():
             fns = {
-                step_kernel: [PreparedLinear(step_kernel, w, b, batch_bucket(rows)).mm for w, b in matrices],
+                rival: [PreparedLinear(rival, w, b, batch_bucket(rows)).mm for w, b in matrices],
                 "upcast": [upcast_rows(w, b) for w, b in matrices],
             }
             return time_passes(fns, _inputs(matrices, rows), rounds)
 
-    return _decided(key, [step_kernel, "upcast"], sample)
+    return _decided(key, [rival, "upcast"], sample)

@@ -1,0 +1,182 @@
+"""The native kernel (native.py, native/linear.c): built for this host, exact in fp32 to
+float64's tolerance, one rounding in half precision, in torch's OpenMP team, and a fallback
+to the other kernels wherever it cannot be built."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt2 import GPT2, fast, kernels, native
+
+LIB = native.library()
+needs_native = pytest.mark.skipif(LIB is None, reason="no C compiler with OpenMP here: the native kernel is not built")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(kernels.ENV_KERNEL, raising=False)
+    monkeypatch.setattr(kernels, "_decisions", {})
+
+
+@pytest.fixture
+def fresh_library() -> Iterator[None]:
+    """native.library() recomputed inside the test (environment, cache dir), and again on its
+    next use after the test (this teardown runs before monkeypatch's: no call here)."""
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().t()
+    return y if b is None else y + b.double()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_f, in_f", [(24, 40), (20, 64), (8, 16), (37, 48), (3, 5), (2304, 768)])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: int, rows: int) -> None:
+    """x W^T + b for tails of inputs past the vector width, partial groups of rows, several rows
+    of x; fp32 within fp32 rounding of the sum, half precision rounded once from an fp32 sum."""
+    if dtype not in LIB.dtypes:
+        pytest.skip(f"this build does not serve {dtype} (no F16C)")
+    g = torch.Generator().manual_seed(out_f * 1000 + in_f + rows)
+    w = (torch.randn(out_f, in_f, generator=g) * 0.5).to(dtype)
+    b = (torch.randn(out_f, generator=g) + 0.3).to(dtype)
+    x = torch.randn(rows, in_f, generator=g).to(dtype)
+    pl = kernels.PreparedLinear("native", w, b, 1)
+    got = pl(x)
+    assert got.shape == (rows, out_f) and got.dtype == dtype
+    want = _reference(x, w, b)
+    scale = want.abs().max().item()
+    if dtype == torch.float32:
+        assert (got.double() - want).abs().max().item() <= 1e-6 * scale
+    else:  # one rounding of a sum accurate to fp32: within one unit of the dtype at the value
+        eps = torch.finfo(dtype).eps
+        assert ((got.double() - want).abs() <= eps * want.abs() + 1e-5 * scale).all()
+        assert (got.double() == want.to(dtype).double()).float().mean() >= 0.95  # nearly all correctly rounded
+    # no bias; and the layout: half precision packed (a copy), fp32 as stored
+    assert torch.allclose(kernels.PreparedLinear("native", w, None, 1)(x).double(), _reference(x, w, None),
+                          rtol=0, atol=2 * torch.finfo(dtype).eps * scale + 1e-6)  # fmt: skip
+    packed = native.uses_packed(dtype, in_f, LIB)
+    assert packed == (dtype != torch.float32 and in_f % LIB.lanes == 0)
+    assert (pl.weight.dim() == 4) == packed
+    assert pl.extra_bytes == (pl.weight.numel() * w.element_size() if packed else 0)  # w is contiguous [out, in]
+
+
+@needs_native
+def test_native_conv1d_weight_is_copied_once_and_embedding_shared() -> None:
+    """A Conv1D weight ([in, out] stored) is copied to [out, in]; the unembedding's [V, C]
+    embedding is read in place in fp32."""
+    g = torch.Generator().manual_seed(1)
+    conv_w = torch.randn(40, 24, generator=g)  # [in, out]
+    pl = kernels.PreparedLinear("native", conv_w.t(), None, 1)
+    assert pl.weight.data_ptr() != conv_w.data_ptr() and pl.extra_bytes == conv_w.numel() * 4
+    emb = torch.randn(30, 40, generator=g)
+    pe = kernels.PreparedLinear("native", emb, None, 1)
+    assert pe.weight.data_ptr() == emb.data_ptr() and pe.extra_bytes == 0
+
+
+@needs_native
+def test_native_rejects_bad_input_with_a_clear_error() -> None:
+    """A wrong width, dtype or rank is a ValueError naming it, never a read out of bounds."""
+    w = torch.randn(16, 32)
+    mm = kernels.PreparedLinear("native", w, None, 1).mm
+    for bad in (torch.randn(1, 31), torch.randn(1, 32).double(), torch.randn(32), torch.randn(2, 1, 32)):
+        with pytest.raises(ValueError, match="native kernel"):
+            mm(bad)
+    with pytest.raises(ValueError, match="not available"):
+        kernels.PreparedLinear("native", torch.randn(4, 8, dtype=torch.float64), None, 1)
+
+
+@needs_native
+def test_native_runs_on_torchs_openmp_team() -> None:
+    """One OpenMP runtime in the process (the library's is torch's), and the thread count is
+    torch's: the same results on one thread and on two."""
+    assert len(native._openmp_runtimes()) == 1
+    w, x = torch.randn(4096, 256), torch.randn(1, 256)
+    mm = kernels.PreparedLinear("native", w, None, 1).mm
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mm(x)
+        torch.set_num_threads(2)
+        two = mm(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each output is one thread's sum in either case
+
+
+@needs_native
+def test_native_library_is_built_once_per_host_into_the_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None
+) -> None:
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "c2"))
+    lib = native.library()
+    assert lib is not None and lib.path.parent == tmp_path / "c2" / "native" and lib.path.exists()
+    built = lib.path.stat().st_mtime_ns
+    native.library.cache_clear()
+    again = native.library()
+    assert again is not None and again.path == lib.path and again.path.stat().st_mtime_ns == built  # not rebuilt
+    assert list(lib.path.parent.glob(".linear.*")) == []  # no temporary left behind
+
+
+@pytest.mark.parametrize("how", ["env off", "no compiler", "compiler fails"])
+def test_without_the_native_kernel_the_others_serve(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None
+) -> None:
+    """MINIGPT2_NATIVE=0, no compiler, or a compiler that fails: no library, the kernel is not
+    available, and choosing a kernel (numpy's BLAS among the candidates again) still works."""
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "c3"))
+    if how == "env off":
+        monkeypatch.setenv(native.ENV_NATIVE, "0")
+    elif how == "no compiler":
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+    else:
+        monkeypatch.setenv("CC", "false")
+        monkeypatch.setattr(native, "_compiler", lambda: ("false", "false 1.0"))
+    monkeypatch.setattr(kernels, "_available", {})
+    assert native.library() is None
+    assert not kernels.available("native", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    mats = [(torch.randn(64, 48, generator=g), torch.randn(64, generator=g))]
+    seen: list[list[str]] = []
+    monkeypatch.setattr(kernels, "_sample", lambda m, c, b, r, inner=None: seen.append(list(c)) or kernels.Sample(
+        {k: 1.0 for k in c}, 1.0))  # fmt: skip
+    monkeypatch.setattr(kernels, "numpy_blas_threads", lambda: torch.get_num_threads())
+    assert kernels.choose("no native", mats, 1) == "plain"
+    assert "native" not in seen[-1] and ("numpy" in seen[-1]) == kernels.available("numpy", torch.float32)
+    assert not (tmp_path / "c3" / "native").exists() or not any((tmp_path / "c3" / "native").glob("*.so"))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_half_precision_generation(make_checkpoint, dtype: torch.dtype) -> None:
+    """A half-precision model decoding on the native kernel: every step's logits as the plain
+    half-precision model's within half-precision noise, prompts (more than kernels.ROWS rows)
+    on torch's half GEMM or the fp32 upcast, never on the GEMV; a padded batch too."""
+    if dtype not in LIB.dtypes:
+        pytest.skip(f"this build does not serve {dtype}")
+    directory, _ = make_checkpoint(seed=31)
+    model = GPT2.from_pretrained(directory, dtype=dtype)
+    ref = GPT2.from_pretrained(directory)  # fp32
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 70), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    with kernels.force("native"):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
+        names = fast.kernel_names(model)
+    assert names["blocks"] == "native" and names["unembed"] == "native" and names["prefill"] in ("plain", "upcast")
+    with torch.no_grad():
+        full = ref(out.sequences, attention_mask=torch.cat([mask, mask.new_ones(2, 6)], 1)).float()
+    for step, logits in enumerate(out.logits):
+        want = full[:, 70 + step - 1]
+        assert (logits - want).abs().max() <= 0.05 * want.abs().max()
