@@ -24,9 +24,9 @@ and the torch build; measured on the hosts here (see docs/performance.md):
   fastest bf16 path, and at batch > 1 also in fp32. Private torch ops, so they sit behind
   :func:`available`, which runs them once on a small matrix and checks the result.
 - ``native``: minigpt2's own kernel (native.py, native/linear.c), compiled for the host on
-  first use where a C compiler with OpenMP is found: fp32 weights as [out, in] (a copy for
-  Conv1D, the embedding itself for the unembedding), half-precision weights in a packed
-  layout (a copy), widened to fp32 on the fly. It runs on torch's own OpenMP team (no
+  first use where a C compiler with OpenMP is found: the weight as [out, in] (a copy for
+  Conv1D, the embedding itself for the unembedding), each thread streaming its rows in
+  order, half precision widened to fp32 on the fly. It runs on torch's own OpenMP team (no
   second thread pool, unlike ``numpy``), and it gives a bf16 model half of fp32's bytes to
   stream on CPUs without native bf16, where ``mkldnn`` has no bf16 kernel.
 - ``upcast`` (bf16 / fp16 weights only): an fp32 copy of the weights, multiplied in fp32
@@ -143,10 +143,9 @@ class PreparedLinear:
             lib = native.library()
             if lib is None or w.dtype not in lib.dtypes or w.device.type != "cpu":
                 raise ValueError(f"kernel 'native' is not available for {w.dtype} on {w.device.type} here")
-            is_packed = native.uses_packed(w.dtype, w.shape[1], lib)
-            self.weight = native.packed(w, lib) if is_packed else w.contiguous()
-            self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else self.weight.numel() * w.element_size()
-            self.mm = _native_linear(self.weight, b, self.out_features, w.shape[1], is_packed, lib)
+            self.weight = w.contiguous()  # (out, in): each thread streams its rows in order
+            self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else w.numel() * w.element_size()
+            self.mm = _native_linear(self.weight, b, lib)
             return
         elif kernel == "upcast":
             if w.dtype not in HALF:
@@ -197,22 +196,21 @@ def _numpy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[
     return mm
 
 
-def _native_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, out_features: int, n_in: int, is_packed: bool,
-    lib: native.Library,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (N, in) -> x @ W^T + b (N, out) by the native kernel, its constant arguments bound once
-    (the closure keeps the weight and bias alive: the library only sees their addresses)."""
+def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.Library) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (N, in) -> x @ W^T + b (N, out) by the native kernel (native.linear's checks, with the
+    constant arguments bound once: decoding calls it 49 times a token). The closure keeps the
+    weight and bias alive: the library only sees their addresses."""
     bias = None if bias is None else bias.contiguous()
-    fn, code, dtype, packed_flag = lib.fn, native.DTYPES[weight.dtype], weight.dtype, int(is_packed)
+    fn, code, dtype = lib.fn, native.DTYPES[weight.dtype], weight.dtype
+    out_features, n_in = weight.shape
     w_ptr, b_ptr = weight.data_ptr(), None if bias is None else bias.data_ptr()
 
     def mm(x: torch.Tensor, _keep: tuple = (weight, bias)) -> torch.Tensor:
         if x.dtype != dtype or x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":
-            raise ValueError(f"native kernel: x must be ({n_in},) rows of {dtype} on the CPU, got {tuple(x.shape)} {x.dtype}")
+            raise ValueError(f"native kernel: x must be (N, {n_in}) {dtype} on the CPU, got {tuple(x.shape)} {x.dtype}")
         x = x.contiguous()
         y = torch.empty(x.shape[0], out_features, dtype=dtype)
-        fn(code, packed_flag, w_ptr, b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], out_features, n_in)
+        fn(code, w_ptr, b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], out_features, n_in)
         return y
 
     return mm
@@ -350,8 +348,7 @@ def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
         with torch.inference_mode(False), torch.no_grad():
             g = torch.Generator().manual_seed(0)
             ok = True
-            # (out, in): a tail of inputs past the vector width, and (native's packed layout for
-            # half precision) a width multiple with a partial group of rows
+            # (out, in): a tail of inputs past the vector width, and a width multiple
             for out_f, in_f in ((24, 40), (20, 64)):
                 w = torch.randn(out_f, in_f, generator=g).to(dtype)
                 b = torch.randn(out_f, generator=g).to(dtype)

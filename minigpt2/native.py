@@ -5,13 +5,15 @@ streaming the weights with the host's widest vectors (AVX-512, AVX2 + FMA, or pl
 fp32 accumulation, on the OpenMP team torch itself runs on. Why it exists, measured on the
 AMD EPYC hosts here (docs/performance.md):
 
-- half-precision weights: it widens bf16 / fp16 to fp32 on the fly, so on CPUs without native
-  bf16 arithmetic a bf16 model streams half the bytes of an fp32 one (torch's fallback is
-  ~14 GB/s, and the ``upcast`` kernel reads fp32 copies); where oneDNN has native bf16 its
-  packed layout reads faster than oneDNN's GEMV;
-- fp32: it streams as fast as OpenBLAS's GEMV, in torch's thread pool instead of a second
-  one: OpenBLAS's threads spin for ~0.1 s after each call and slow whatever torch runs next
-  (a bf16 prefill right after an fp32 generate: 15-20 % slower).
+- it reads each thread's rows of W as one sequential stream, which the hardware prefetchers
+  follow best: over GPT-2's 49 matrices, 46-49 GB/s in fp32 and bf16 where OpenBLAS's GEMV
+  read ~42 and oneDNN's bf16 GEMV ~38 (docs/performance.md);
+- half-precision weights are widened to fp32 on the fly, so on CPUs without native bf16
+  arithmetic a bf16 model streams half the bytes of an fp32 one (torch's fallback there
+  reads ~14 GB/s, and the ``upcast`` kernel reads fp32 copies);
+- it runs in torch's thread pool, not a second one: OpenBLAS's threads spin for ~0.1 s after
+  each call and slow whatever torch runs next (a bf16 prefill right after an fp32 generate
+  ran 15-20 % slower).
 
 Building needs a C compiler (``$CC``, else ``cc``) with OpenMP; the library is compiled
 once per host, compiler and source (``-O3 -march=native -fopenmp``, under a second) into
@@ -48,13 +50,12 @@ class Library:
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        self.lanes = int(lib.minigpt2_lanes())  # W: fp32 lanes of a vector (16, 8 or 1)
-        self.group_rows = int(lib.minigpt2_group_rows())  # R: rows read together
+        self.lanes = int(lib.minigpt2_lanes())  # fp32 lanes of a vector: 16 (AVX-512), 8 (AVX2), 1 (C)
         mask = int(lib.minigpt2_dtypes())
         self.dtypes = {dt for dt, code in DTYPES.items() if mask >> code & 1}
         fn = lib.minigpt2_linear
         p, n = ctypes.c_void_p, ctypes.c_long
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, p, p, p, p, n, n, n]
+        fn.argtypes = [ctypes.c_int, p, p, p, p, n, n, n]
         fn.restype = ctypes.c_int
         self.fn = fn
 
@@ -148,33 +149,28 @@ def library() -> Library | None:
         return None
 
 
-def packed(w: torch.Tensor, lib: Library) -> torch.Tensor:
-    """W [out, in] in the packed layout linear.c reads for half precision: per group of R rows,
-    [in / W][R][W] (rows past ``out`` zero). Needs ``in`` a multiple of W."""
-    out, n_in = w.shape
-    R, W = lib.group_rows, lib.lanes
-    groups = -(-out // R)
-    padded = w.new_zeros(groups * R, n_in)
-    padded[:out] = w
-    return padded.view(groups, R, n_in // W, W).permute(0, 2, 1, 3).contiguous()
-
-
-def uses_packed(dtype: torch.dtype, n_in: int, lib: Library) -> bool:
-    """Whether weights of this dtype and input size are packed (half precision, in % W == 0)."""
-    return dtype in (torch.bfloat16, torch.float16) and n_in % lib.lanes == 0
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out_features: int, is_packed: bool,
-           lib: Library) -> torch.Tensor:  # fmt: skip
-    """x (N, in) contiguous, of w's dtype -> x W^T + b (N, out_features), by linear.c.
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lib: Library) -> torch.Tensor:
+    """x (N, in) @ w (out, in)^T + b (out,) -> (N, out) by linear.c: all CPU tensors of one dtype
+    this build serves, contiguous (kernels.PreparedLinear binds the constant arguments once
+    instead, for decoding's 49 calls a token).
 
     Raises:
-        ValueError: a dtype this build does not serve, or a packed W with in not a multiple of W.
+        ValueError: mismatched shapes or dtypes, a dtype this build does not serve, a device
+            other than the CPU.
     """
-    n, n_in = x.shape
-    y = torch.empty(n, out_features, dtype=w.dtype, device=x.device)
-    rc = lib.fn(DTYPES.get(w.dtype, -1), int(is_packed), w.data_ptr(), None if b is None else b.data_ptr(),
-                x.data_ptr(), y.data_ptr(), n, out_features, n_in)  # fmt: skip
+    if w.dtype not in lib.dtypes or x.dtype != w.dtype or (b is not None and b.dtype != w.dtype):
+        raise ValueError(f"the native kernel takes one dtype of {sorted(map(str, lib.dtypes))}, got x {x.dtype}, "
+                         f"w {w.dtype}, b {None if b is None else b.dtype}")  # fmt: skip
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or (b is not None and b.shape != (w.shape[0],)):
+        raise ValueError(f"native kernel: shapes x {tuple(x.shape)}, w {tuple(w.shape)}, "
+                         f"b {None if b is None else tuple(b.shape)} do not fit (N, in) @ (out, in)^T + (out,)")  # fmt: skip
+    if not all(t.device.type == "cpu" for t in (x, w) + (() if b is None else (b,))):
+        raise ValueError("the native kernel runs on the CPU only")
+    x, w = x.contiguous(), w.contiguous()
+    b = None if b is None else b.contiguous()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=w.dtype)
+    rc = lib.fn(DTYPES[w.dtype], w.data_ptr(), None if b is None else b.data_ptr(), x.data_ptr(), y.data_ptr(),
+                x.shape[0], w.shape[0], w.shape[1])  # fmt: skip
     if rc != 0:
-        raise ValueError(f"the native kernel does not serve {w.dtype} weights of {n_in} inputs (code {rc})")
+        raise MemoryError(f"the native kernel failed (code {rc})")
     return y

@@ -39,11 +39,12 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("out_f, in_f", [(24, 40), (20, 64), (8, 16), (37, 48), (3, 5), (2304, 768)])
+@pytest.mark.parametrize("out_f, in_f", [(24, 40), (20, 64), (8, 16), (37, 200), (3, 5), (2304, 768), (64, 1600)])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: int, rows: int) -> None:
-    """x W^T + b for tails of inputs past the vector width, partial groups of rows, several rows
-    of x; fp32 within fp32 rounding of the sum, half precision rounded once from an fp32 sum."""
+    """x W^T + b for inputs short of, and with tails past, the unrolled vectors (gpt2-xl's 1600
+    included), several rows of x; fp32 within fp32 rounding of the sum, half precision rounded
+    once from an fp32 sum."""
     if dtype not in LIB.dtypes:
         pytest.skip(f"this build does not serve {dtype} (no F16C)")
     g = torch.Generator().manual_seed(out_f * 1000 + in_f + rows)
@@ -61,13 +62,21 @@ def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: in
         eps = torch.finfo(dtype).eps
         assert ((got.double() - want).abs() <= eps * want.abs() + 1e-5 * scale).all()
         assert (got.double() == want.to(dtype).double()).float().mean() >= 0.95  # nearly all correctly rounded
-    # no bias; and the layout: half precision packed (a copy), fp32 as stored
+    # no bias; the weight as given ([out, in], contiguous: no copy); native.linear agrees
     assert torch.allclose(kernels.PreparedLinear("native", w, None, 1)(x).double(), _reference(x, w, None),
                           rtol=0, atol=2 * torch.finfo(dtype).eps * scale + 1e-6)  # fmt: skip
-    packed = native.uses_packed(dtype, in_f, LIB)
-    assert packed == (dtype != torch.float32 and in_f % LIB.lanes == 0)
-    assert (pl.weight.dim() == 4) == packed
-    assert pl.extra_bytes == (pl.weight.numel() * w.element_size() if packed else 0)  # w is contiguous [out, in]
+    assert pl.weight.data_ptr() == w.data_ptr() and pl.extra_bytes == 0
+    assert torch.equal(native.linear(x, w, b, LIB), got)
+
+
+@needs_native
+def test_native_linear_checks_its_arguments() -> None:
+    w, x, b = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6)
+    for args in ((x, w, b.double()), (x.bfloat16(), w, b), (torch.randn(2, 7), w, b), (x, w, torch.randn(5)),
+                 (x[0], w, b), (x, w.double(), b.double())):  # fmt: skip
+        with pytest.raises(ValueError):
+            native.linear(*args, LIB)
+    torch.testing.assert_close(native.linear(x.t().contiguous().t(), w, None, LIB), x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
 @needs_native
