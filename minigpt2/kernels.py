@@ -23,7 +23,7 @@ and the torch build; measured on the hosts here (see docs/performance.md):
   ``torch.ops.mkldnn._linear_pointwise``. On CPUs with AMX / AVX512-bf16 it is by far the
   fastest bf16 path, and at batch > 1 also in fp32. Private torch ops, so they sit behind
   :func:`available`, which runs them once on a small matrix and checks the result.
-- ``native``: minigpt2's own kernel (native.py, native/linear.c), compiled for the host on
+- ``native``: minigpt2's own kernel (native.py, native/decode.c), compiled for the host on
   first use where a C compiler with OpenMP is found: the weight as [out, in] (a copy for
   Conv1D, the embedding itself for the unembedding), each thread streaming its rows in
   order, half precision widened to fp32 on the fly. It runs on torch's own OpenMP team (no
@@ -93,6 +93,10 @@ ABSURD = 30.0
 #: Products with more rows than this (a prompt's prefill, large batches) are compute-bound
 #: GEMMs, not weight streaming: they have their own kernel choice (:func:`choose_rows`).
 ROWS = 64
+
+#: Rows of x up to which the native kernel's GEMV serves half-precision products where torch's
+#: half GEMM is native (more go to that GEMM; see _native_linear).
+NATIVE_ROWS = 2
 
 ENV_KERNEL = "MINIGPT2_KERNEL"
 ENV_CACHE_DIR = "MINIGPT2_CACHE_DIR"
@@ -204,10 +208,18 @@ def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.
     fn, code, dtype = lib.fn, native.DTYPES[weight.dtype], weight.dtype
     out_features, n_in = weight.shape
     w_ptr, b_ptr = weight.data_ptr(), None if bias is None else bias.data_ptr()
+    # The kernel is a GEMV: each row of x is its own pass of dot products. Where torch's half
+    # GEMM is native (oneDNN), it takes more rows than NATIVE_ROWS (a short prompt, a draft
+    # check) on the same [out, in] copy: for GPT-2's 48 block matrices here, 16 rows in 9.2 ms
+    # against 23.4 on the GEMV (1 row: 4.2 GEMV, 6.8 GEMM). In fp32, torch's GEMM on this
+    # layout is slower than the GEMV up to 64 rows (MKL: 31.9 against 24.3 ms at 16 rows).
+    gemm_rows = NATIVE_ROWS if dtype in HALF and native_half(dtype) else ROWS
 
     def mm(x: torch.Tensor, _keep: tuple = (weight, bias)) -> torch.Tensor:
         if x.dtype != dtype or x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":
             raise ValueError(f"native kernel: x must be (N, {n_in}) {dtype} on the CPU, got {tuple(x.shape)} {x.dtype}")
+        if x.shape[0] > gemm_rows:
+            return torch.nn.functional.linear(x, weight, bias)
         x = x.contiguous()
         y = torch.empty(x.shape[0], out_features, dtype=dtype)
         fn(code, w_ptr, b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], out_features, n_in)

@@ -1,4 +1,4 @@
-"""minigpt2's own matrix-vector kernel (native/linear.c), built for this host on first use.
+"""minigpt2's own matrix-vector kernel (native/decode.c), built for this host on first use.
 
 The ``native`` kernel of kernels.py: ``y = x W^T + b`` for the few rows of a decode step,
 streaming the weights with the host's widest vectors (AVX-512, AVX2 + FMA, or plain C) and
@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 ENV_NATIVE = "MINIGPT2_NATIVE"
-SOURCE = Path(__file__).with_name("native") / "linear.c"
+SOURCE = Path(__file__).with_name("native") / "decode.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-#: The dtype codes of linear.c.
+#: The dtype codes of decode.c.
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OPENMP = ("libgomp", "libiomp", "libomp")
 
@@ -58,6 +58,10 @@ class Library:
         fn.argtypes = [ctypes.c_int, p, p, p, p, n, n, n]
         fn.restype = ctypes.c_int
         self.fn = fn
+        att = lib.minigpt2_attention_one
+        att.argtypes = [ctypes.c_int, p, p, p, p, n, p] + [n] * 12 + [ctypes.c_float]
+        att.restype = ctypes.c_int
+        self.attention_fn = att
 
 
 def _cpu_flags() -> str:
@@ -99,10 +103,10 @@ def _compiler() -> tuple[str, str] | None:
 
 def _compile(cc: str, out: Path) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".linear.", suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".decode.", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, timeout=120, check=True)
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, timeout=120, check=True)
         os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one
         return True
     except (OSError, subprocess.SubprocessError):
@@ -134,7 +138,7 @@ def library() -> Library | None:
     except OSError:  # an install without the package data
         return None
     key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    path = _build_dir() / f"linear-{key}.so"
+    path = _build_dir() / f"decode-{key}.so"
     try:
         if not path.exists() and not _compile(cc, path):
             return None
@@ -150,7 +154,7 @@ def library() -> Library | None:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lib: Library) -> torch.Tensor:
-    """x (N, in) @ w (out, in)^T + b (out,) -> (N, out) by linear.c: all CPU tensors of one dtype
+    """x (N, in) @ w (out, in)^T + b (out,) -> (N, out) by decode.c: all CPU tensors of one dtype
     this build serves, contiguous (kernels.PreparedLinear binds the constant arguments once
     instead, for decoding's 49 calls a token).
 
@@ -174,3 +178,35 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, lib: Librar
     if rc != 0:
         raise MemoryError(f"the native kernel failed (code {rc})")
     return y
+
+
+def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                        lib: Library) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T * scale) v for one new token: q (B, nh, 1, hs), k and v (B, nh, S, hs) (the
+    KV cache's views: any strides with the last dimension contiguous), the bool mask (B or 1,
+    1, 1, S) (True = may attend) or None. Returns (B, nh, 1, hs) in q's dtype, computed in fp32
+    (scores, softmax with the maximum subtracted, the weighted sum) and rounded once; a row
+    whose keys are all masked is NaN, as torch's softmax gives.
+
+    Raises:
+        ValueError: shapes, dtypes or layouts this kernel does not take.
+    """
+    B, nh, T, hs = q.shape
+    S = k.shape[2]
+    if (T != 1 or k.shape != (B, nh, S, hs) or v.shape != k.shape or not (q.dtype == k.dtype == v.dtype)
+            or q.dtype not in lib.dtypes or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):  # fmt: skip
+        raise ValueError(f"native attention takes one query (B, nh, 1, hs) and keys/values (B, nh, S, hs) of one "
+                         f"dtype, last dim contiguous; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
+                         f"{k.dtype}, v {tuple(v.shape)} {v.dtype}")  # fmt: skip
+    m = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape[-1] != S or mask.shape[0] not in (1, B) or mask.numel() != mask.shape[0] * S:
+            raise ValueError(f"native attention: the mask must be bool (1 or {B}, 1, 1, {S}), got {tuple(mask.shape)} {mask.dtype}")
+        m = mask.reshape(mask.shape[0], S).contiguous().view(torch.uint8)
+    out = torch.empty(B, nh, 1, hs, dtype=q.dtype)
+    rc = lib.attention_fn(DTYPES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
+                          1 if m is None else m.shape[0], out.data_ptr(), B, nh, S, hs, q.stride(0), q.stride(1),
+                          k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), scale)  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"the native attention failed (code {rc})")
+    return out

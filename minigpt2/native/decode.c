@@ -20,6 +20,7 @@
  * Built on first use by native.py with the host's C compiler and -march=native: the vector
  * width below (AVX-512, AVX2 + FMA, or plain C) is the host's own.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +55,8 @@ static inline vec vload_bf16(const uint16_t *p) {
 static inline vec vload_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vset1(float f) { return _mm512_set1_ps(f); }
+static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define W 8
@@ -68,6 +71,8 @@ static inline vec vload_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load
 #endif
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vset1(float f) { return _mm256_set1_ps(f); }
+static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -85,6 +90,8 @@ static inline vec vload_f16(const uint16_t *p) { return f16_f32(*p); }
 #endif
 static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 static inline vec vadd(vec a, vec b) { return a + b; }
+static inline vec vset1(float f) { return f; }
+static inline void vstore(float *p, vec a) { *p = a; }
 static inline float vsum(vec a) { return a; }
 #endif
 
@@ -190,4 +197,124 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
     }
     free(xbuf);
     return 0;
+}
+
+/* ---------------------------------------------------------------- one token's attention
+ * out[b, h, :] = softmax(scale * q[b, h, :] . k[b, h, s, :] over s, masked) . v[b, h, s, :]
+ * for one new token per row (a decode step), fp32 throughout (half-precision q, k, v widened
+ * exactly, the output rounded once). q: (B, nh, hs) with strides (qsb, qsh) and its last dim
+ * contiguous; k, v: (B, nh, S, hs) with strides (sb, sh, ss) each and the last dim contiguous
+ * (the KV cache's views); mask: NULL, or bytes (mask_rows = 1 or B, S) with row stride S,
+ * nonzero = may attend; out: (B, nh, hs) contiguous. A row with every key masked gets NaN,
+ * as softmax over all -inf does in torch. Heads run in parallel on the OpenMP team when the
+ * work is large enough to gain from it. Returns 0, -1 for a dtype this build does not serve,
+ * -2 when out of memory. */
+
+#if !(HAS_F16 && W > 1)
+static inline vec vload_any(int dtype, const void *p, long i0) {
+    float t[W];
+    for (int j = 0; j < W; j++) t[j] = in_f32(dtype, p, i0 + j);
+    return vload(t);
+}
+#endif
+
+static inline float dot_f32(int dtype, const void *a, long i0, const float *q, long hs) {
+    /* sum_d a[i0 + d] q[d], a of dtype, q fp32 */
+    vec acc = vzero();
+    long d = 0;
+    float s;
+    if (dtype == F32) {
+        const float *p = (const float *)a + i0;
+        for (; d + W <= hs; d += W) acc = vfma(vload(p + d), vload(q + d), acc);
+        s = vsum(acc);
+        for (; d < hs; d++) s += p[d] * q[d];
+    } else if (dtype == BF16) {
+        const uint16_t *p = (const uint16_t *)a + i0;
+        for (; d + W <= hs; d += W) acc = vfma(vload_bf16(p + d), vload(q + d), acc);
+        s = vsum(acc);
+        for (; d < hs; d++) s += bf16_f32(p[d]) * q[d];
+    } else {
+#if HAS_F16 && W > 1
+        const uint16_t *p = (const uint16_t *)a + i0;
+        for (; d + W <= hs; d += W) acc = vfma(vload_f16(p + d), vload(q + d), acc);
+#endif
+        s = vsum(acc);
+        for (; d < hs; d++) s += in_f32(dtype, a, i0 + d) * q[d];
+    }
+    return s;
+}
+
+int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *v, const uint8_t *mask,
+                           long mask_rows, void *out, long B, long nh, long S, long hs, long qsb, long qsh,
+                           long ksb, long ksh, long kss, long vsb, long vsh, long vss, float scale) {
+    if (dtype < 0 || dtype > F16 || !((minigpt2_dtypes() >> dtype) & 1)) return -1;
+    long pairs = B * nh;
+    if (pairs <= 0 || hs <= 0) return 0;
+    int nt = omp_get_max_threads();
+    if (nt > pairs) nt = (int)pairs;
+    if ((double)pairs * (double)S * (double)hs < 65536.0) nt = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *p = (float *)malloc((size_t)(S > 0 ? S : 1) * sizeof(float));
+        float *qf = (float *)malloc((size_t)hs * sizeof(float));
+        float *o = (float *)malloc((size_t)hs * sizeof(float));
+        if (!p || !qf || !o) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (long bh = 0; bh < pairs; bh++) {
+                long b = bh / nh, h = bh % nh;
+                for (long d = 0; d < hs; d++) qf[d] = in_f32(dtype, q, b * qsb + h * qsh + d);
+                const uint8_t *m = mask ? mask + (mask_rows == 1 ? 0 : b) * S : NULL;
+                float mx = -INFINITY;
+                for (long s = 0; s < S; s++) {
+                    float sc = (m && !m[s]) ? -INFINITY : scale * dot_f32(dtype, k, b * ksb + h * ksh + s * kss, qf, hs);
+                    p[s] = sc;
+                    if (sc > mx) mx = sc;
+                }
+                float sum = 0.0f;
+                for (long s = 0; s < S; s++) {
+                    float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
+                    p[s] = e;
+                    sum += e;
+                }
+                /* o = sum_s p[s] v[s]: one vector of o at a time in a register, over all s
+                 * (the head's values stay in L1 between the passes) */
+                long d = 0;
+                for (; d + W <= hs; d += W) {
+                    vec acc = vzero();
+                    long i0 = b * vsb + h * vsh + d;
+                    if (dtype == F32) {
+                        const float *vp = (const float *)v + i0;
+                        for (long s = 0; s < S; s++) acc = vfma(vload(vp + s * vss), vset1(p[s]), acc);
+                    } else if (dtype == BF16) {
+                        const uint16_t *vp = (const uint16_t *)v + i0;
+                        for (long s = 0; s < S; s++) acc = vfma(vload_bf16(vp + s * vss), vset1(p[s]), acc);
+#if HAS_F16 && W > 1
+                    } else {
+                        const uint16_t *vp = (const uint16_t *)v + i0;
+                        for (long s = 0; s < S; s++) acc = vfma(vload_f16(vp + s * vss), vset1(p[s]), acc);
+#else
+                    } else {
+                        for (long s = 0; s < S; s++) acc = vfma(vload_any(dtype, v, i0 + s * vss), vset1(p[s]), acc);
+#endif
+                    }
+                    vstore(o + d, acc);
+                }
+                for (; d < hs; d++) {
+                    float acc = 0.0f;
+                    for (long s = 0; s < S; s++) acc += p[s] * in_f32(dtype, v, b * vsb + h * vsh + s * vss + d);
+                    o[d] = acc;
+                }
+                float inv = 1.0f / sum; /* sum == 0 (every key masked): inf * 0 = NaN, as torch */
+                for (long d = 0; d < hs; d++) store(dtype, out, bh * hs + d, sum == 0.0f ? NAN : o[d] * inv);
+            }
+        }
+        free(p);
+        free(qf);
+        free(o);
+    }
+    return failed ? -2 : 0;
 }
