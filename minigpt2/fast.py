@@ -279,7 +279,8 @@ def _attention(attn: GPT2Attention) -> Callable[..., torch.Tensor]:
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
-            if lib is not None and q.dtype in lib.dtypes and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+            if (lib is not None and q.dtype in lib.dtypes and q.dtype == k.dtype == v.dtype  # (autocast: an fp32 cache)
+                    and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):  # fmt: skip
                 # the same fp32 computation in one C call, reading the half-precision cache as it
                 # is: 12 heads x 64 at 144 positions, 18 us a layer against 40 (one_token_attention)
                 return native.one_token_attention(q, k, v, mask, scale, lib)
