@@ -62,6 +62,10 @@ class Library:
         att.argtypes = [ctypes.c_int, p, p, p, p, n, p] + [n] * 12 + [ctypes.c_float]
         att.restype = ctypes.c_int
         self.attention_fn = att
+        gelu = lib.minigpt2_gelu_tanh_
+        gelu.argtypes = [ctypes.c_int, p, n]
+        gelu.restype = ctypes.c_int
+        self.gelu_fn = gelu
 
 
 def _cpu_flags() -> str:
@@ -210,3 +214,27 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     if rc != 0:
         raise MemoryError(f"the native attention failed (code {rc})")
     return out
+
+
+def gelu_tanh_(x: torch.Tensor, lib: Library) -> torch.Tensor:
+    """GPT-2's tanh GELU on a contiguous half-precision CPU tensor (any shape), in place: computed in
+    fp32 and rounded once, as ``F.gelu(x, approximate="tanh")`` (as 1 / (1 + e^(-2u)), without
+    the cancellation of 1 + tanh(u) for negative x: 98.8 % of 3M bf16 results equal float64's
+    rounded, against 93.3 % for torch's). Returns x.
+
+    Raises:
+        ValueError: not a contiguous bf16 / fp16 CPU tensor this build serves.
+    """
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dtype not in lib.dtypes or not x.is_contiguous() \
+            or x.device.type != "cpu":  # fmt: skip
+        raise ValueError(f"native GELU takes a contiguous bf16 / fp16 CPU tensor, got {x.dtype} on {x.device}"
+                         f"{'' if x.is_contiguous() else ', not contiguous'}")  # fmt: skip
+    if lib.gelu_fn(DTYPES[x.dtype], x.data_ptr(), x.numel()) != 0:
+        raise ValueError(f"this build of the native kernel does not serve {x.dtype}")
+    return x
+
+
+def fast_gelu(lib: Library | None, dtype: torch.dtype) -> bool:
+    """Whether :func:`gelu_tanh_` beats torch's GELU here: in AVX-512 builds (0.5 against ~2 ms for
+    a 1000 x 3072 bf16 activation on the AMD EPYC host); the AVX2 build's loops measured 4.4 ms."""
+    return lib is not None and lib.lanes >= 16 and dtype in lib.dtypes and dtype in (torch.bfloat16, torch.float16)

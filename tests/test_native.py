@@ -4,6 +4,7 @@ to the other kernels wherever it cannot be built."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,3 +251,47 @@ def test_half_precision_steps_use_the_native_attention(make_checkpoint, monkeypa
     ref = model.generate(ids, max_new_tokens=4, min_new_tokens=4, output_logits=True, return_dict_in_generate=True)
     for a, b in zip(out.logits, ref.logits):
         assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_gelu_in_place_and_correctly_rounded(dtype: torch.dtype) -> None:
+    """The tanh GELU in place: within one unit of the dtype of the float64 function everywhere,
+    correctly rounded at least as often as torch's own fused GELU; odd sizes, extremes."""
+    if dtype not in LIB.dtypes:
+        pytest.skip(f"this build does not serve {dtype}")
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(70001, generator=g) * 3).to(dtype)  # more than the parallel threshold, not a multiple of 256
+    x[:6] = torch.tensor([0.0, -0.0, 60.0, -60.0, 1e-3, -5.0]).to(dtype)
+    # float64 as x sigmoid(2u) (= 0.5 x (1 + tanh u)): float64's own 1 + tanh(u) cancels to 0 for
+    # x < -7, where the function is ~1e-16
+    xd = x.double()
+    exact = xd * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3))
+    torch_rounded = torch.nn.functional.gelu(x, approximate="tanh")
+    y = x.clone()
+    assert native.gelu_tanh_(y, LIB) is y
+    fi = torch.finfo(dtype)  # (results under 1e-36, x < -10, may flush to zero)
+    assert ((y.double() - exact).abs() <= fi.eps * (exact.abs() + fi.smallest_normal) + 1e-36).all()  # subnormals
+    assert (y == exact.to(dtype)).float().mean() >= (torch_rounded == exact.to(dtype)).float().mean()
+    assert y[2] == x[2] and y[3] == 0 and y[0] == 0  # large x: x; large -x: 0
+    small = x[:100].clone()  # below the parallel threshold
+    assert torch.equal(native.gelu_tanh_(small, LIB), y[:100])
+    for bad in (torch.randn(8), torch.randn(4, 6).to(dtype).t()):
+        with pytest.raises(ValueError, match="native GELU"):
+            native.gelu_tanh_(bad, LIB)
+
+
+@needs_native
+def test_half_precision_prompts_and_steps_use_the_native_gelu_where_it_is_fast(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, _ = make_checkpoint(seed=33)
+    model = GPT2.from_pretrained(directory, dtype=torch.bfloat16)
+    calls: list[int] = []
+    real = native.gelu_tanh_
+    monkeypatch.setattr(native, "gelu_tanh_", lambda x, lib: calls.append(x.shape[0]) or real(x, lib))
+    ids = torch.randint(0, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(2))
+    with kernels.force("native"):
+        model.generate(ids, max_new_tokens=3, min_new_tokens=3)
+    if native.fast_gelu(LIB, torch.bfloat16):
+        assert 70 in calls and 1 in calls  # the prompt's rows and a step's
+    else:
+        assert calls == []
