@@ -133,13 +133,23 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
+#: Seconds of idle before each timed call of interleaved(): thread pools that spin after their
+#: work (OpenBLAS's ~0.1 s, ONNX Runtime's intra-op threads, ggml's) park meanwhile, so no engine
+#: is timed while the previous one's threads still hold the cores. (Without it, minigpt2's fp32
+#: row, timed first in each peer round right after llama.cpp's, moved between 78 and 114 tok/s
+#: across runs while its GEMV pass read at the same speed.)
+PAUSE = 0.25
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
-    """Median wall time of each fn over ``runs`` rounds after one warm-up, fns interleaved."""
+    """Median wall time of each fn over ``runs`` rounds after one warm-up, fns interleaved,
+    each timed call after PAUSE seconds of idle."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(runs):
         for k, f in fns.items():
+            time.sleep(PAUSE)
             times[k].append(timed(f))
     return {k: statistics.median(v) for k, v in times.items()}
 
