@@ -102,7 +102,7 @@ class CompiledStep:
         self.out = [pl.out_features for pl in [*p.blocks, p.unembed]]
         # What the step reads besides the kernels (the model's own tensors, unchanged by a rebuild).
         self.wte, self.wpe, self.ln_f, self.shape = dec.wte, dec.wpe, dec.ln_f, (dec.C, dec.nh, dec.hs)
-        self.layers = [(ln_1, sdpa, ln_2, act) for ln_1, sdpa, _, _, ln_2, _, act, _ in dec.layers]
+        self.layers = dec.portable  # (ln_1, attention, ln_2, act): no native C calls, which break the graph
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None, kv: torch.Tensor,
               start: int) -> torch.Tensor:  # fmt: skip

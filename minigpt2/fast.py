@@ -270,14 +270,13 @@ def _norm(ln: torch.nn.LayerNorm) -> tuple:
     return (ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-def _attention(attn: GPT2Attention) -> Callable[..., torch.Tensor]:
+def _attention(attn: GPT2Attention, lib: native.Library | None) -> Callable[..., torch.Tensor]:
     """GPT2Attention._sdpa in eval mode; without the upcast option, its one SDPA call directly,
     except for one new token in half precision: computed in fp32 by the native kernel
-    (native.one_token_attention) where it is built, else by :func:`one_token_attention`."""
+    (native.one_token_attention) when ``lib`` is given, else by :func:`one_token_attention`."""
     if attn.upcast:
         return attn._sdpa
     scale = attn.scale
-    lib = native.library() if attn.c_attn.weight.device.type == "cpu" else None
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
@@ -371,16 +370,21 @@ class Decoder:
         # Per block: (ln_1, attention, c_attn, attn.c_proj, ln_2, c_fc, act, mlp.c_proj), once
         # with the decode-step kernels and once with the many-row ones (a prompt).
         self.layers, self.layers_rows = [], []
+        # (ln_1, attention, ln_2, act) per block without the native C calls, which torch.compile
+        # cannot trace (compiled.CompiledStep compiles these)
+        self.portable: list[tuple] = []
         lib = native.library() if model.device.type == "cpu" else None
         for i, b in enumerate(t.h):
-            act = act_rows = b.mlp.act.forward
+            act = act_rows = portable_act = b.mlp.act.forward
             if type(b.mlp.act) is NewGELUActivation and model.dtype == torch.float32:
                 act, act_rows = gelu_new_, _gelu_new_by_rows  # the formula in place, bit for bit
+                portable_act = gelu_new_
             elif type(b.mlp.act) is NewGELUActivation:
-                act = act_rows = _gelu_tanh  # half precision: see the module docstring
+                act = act_rows = portable_act = _gelu_tanh  # half precision: see the module docstring
                 if native.fast_gelu(lib, model.dtype):  # the same function in place, in C
                     act = act_rows = functools.partial(native.gelu_tanh_, lib=lib)
-            ln_1, sdpa, ln_2 = _norm(b.ln_1), _attention(b.attn), _norm(b.ln_2)
+            ln_1, sdpa, ln_2 = _norm(b.ln_1), _attention(b.attn, lib), _norm(b.ln_2)
+            self.portable.append((ln_1, _attention(b.attn, None), ln_2, portable_act))
             step, rows = p.blocks[4 * i : 4 * i + 4], p.rows[4 * i : 4 * i + 4]
             c_fc_rows = rows[2]
             half_gelu = type(b.mlp.act) is NewGELUActivation and model.dtype != torch.float32

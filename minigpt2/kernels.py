@@ -204,9 +204,12 @@ def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.
     """x (N, in) -> x @ W^T + b (N, out) by the native kernel (native.linear's checks, with the
     constant arguments bound once: decoding calls it 49 times a token). The closure keeps the
     weight and bias alive: the library only sees their addresses."""
+    out_features, n_in = weight.shape
+    if bias is not None and (bias.dtype != weight.dtype or tuple(bias.shape) != (out_features,)):
+        raise ValueError(f"native kernel: the bias must be ({out_features},) {weight.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")  # fmt: skip
     bias = None if bias is None else bias.contiguous()
     fn, code, dtype = lib.fn, native.DTYPES[weight.dtype], weight.dtype
-    out_features, n_in = weight.shape
     w_ptr, b_ptr = weight.data_ptr(), None if bias is None else bias.data_ptr()
     # The kernel is a GEMV: each row of x is its own pass of dot products. Where torch's half
     # GEMM is native (oneDNN), it takes more rows than NATIVE_ROWS (a short prompt, a draft
@@ -216,13 +219,16 @@ def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.
     gemm_rows = NATIVE_ROWS if dtype in HALF and native_half(dtype) else ROWS
 
     def mm(x: torch.Tensor, _keep: tuple = (weight, bias)) -> torch.Tensor:
-        if x.dtype != dtype or x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":
-            raise ValueError(f"native kernel: x must be (N, {n_in}) {dtype} on the CPU, got {tuple(x.shape)} {x.dtype}")
-        if x.shape[0] > gemm_rows:
+        if x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":
+            raise ValueError(f"native kernel: x must be (N, {n_in}) on the CPU, got {tuple(x.shape)} on {x.device}")
+        if x.shape[0] > gemm_rows or x.dtype != dtype:
+            # many rows: torch's GEMM; another dtype (autocast hands an fp32 weight bf16
+            # activations): what torch's own product does with it
             return torch.nn.functional.linear(x, weight, bias)
         x = x.contiguous()
         y = torch.empty(x.shape[0], out_features, dtype=dtype)
-        fn(code, w_ptr, b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], out_features, n_in)
+        if fn(code, w_ptr, b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], out_features, n_in) != 0:
+            raise MemoryError("the native kernel could not allocate its fp32 copy of x")
         return y
 
     return mm
@@ -356,8 +362,8 @@ def _check(kernel: str, dtype: torch.dtype, device: torch.device) -> bool:
         return False  # fp16 on CPU: plain, or upcast
     if kernel == "mkldnn" and not _mkldnn_ops_present(dtype):
         return False
-    try:
-        with torch.inference_mode(False), torch.no_grad():
+    try:  # (autocast off: its dtype rules would change the reference, not the kernel)
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
             g = torch.Generator().manual_seed(0)
             ok = True
             # (out, in): a tail of inputs past the vector width, and a width multiple

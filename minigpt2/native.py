@@ -30,6 +30,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -99,8 +100,8 @@ def _compiler() -> tuple[str, str] | None:
     if not cc:
         return None
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
+        out = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, ValueError, subprocess.SubprocessError):
         return None
     return cc, (out.stdout.splitlines() or [""])[0]
 
@@ -110,7 +111,9 @@ def _compile(cc: str, out: Path) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=".decode.", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, timeout=120, check=True)
+        subprocess.run([*shlex.split(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, timeout=120,
+                       check=True)  # fmt: skip
+        os.chmod(tmp, 0o755)  # (mkstemp's 0600: other users sharing the cache directory could not load it)
         os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the new one
         return True
     except (OSError, subprocess.SubprocessError):
@@ -118,6 +121,22 @@ def _compile(cc: str, out: Path) -> bool:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def library_file() -> tuple[str, Path] | None:
+    """(the C compiler, the path its build of decode.c has or will have in the cache directory),
+    or None without a compiler or the source. The name carries a hash of the source, the flags,
+    the compiler and its version, and the CPU's flags: another host or compiler builds anew."""
+    found = _compiler()
+    if found is None:
+        return None
+    cc, version = found
+    try:
+        source = SOURCE.read_text(encoding="utf-8")
+    except OSError:  # an install without the package data
+        return None
+    key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    return cc, _build_dir() / f"decode-{key}.so"
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,28 +151,31 @@ def library() -> Library | None:
         return None
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    found = _compiler()
-    if found is None:
-        return None
-    cc, version = found
     torch_omp = _openmp_runtimes()
-    try:
-        source = SOURCE.read_text(encoding="utf-8")
-    except OSError:  # an install without the package data
+    if len(torch_omp) != 1:
+        return None  # torch runs no OpenMP runtime we know: the library would bring a second pool
+    built = library_file()
+    if built is None:
         return None
-    key = hashlib.sha256("\n".join([source, " ".join(FLAGS), cc, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    path = _build_dir() / f"decode-{key}.so"
+    cc, path = built
     try:
         if not path.exists() and not _compile(cc, path):
             return None
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a truncated or foreign file under our name: build it again, once
+            if not _compile(cc, path):
+                return None
+            lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    if len(_openmp_runtimes()) != 1 or (torch_omp and _openmp_runtimes() != torch_omp):
-        return None  # it brought an OpenMP runtime of its own (or torch runs none we know)
+    if _openmp_runtimes() != torch_omp:
+        # It brought an OpenMP runtime of its own. (It stays loaded, unused: its runtime starts no
+        # threads until one of its functions runs.)
+        return None
     try:
         return Library(lib, path)
-    except AttributeError:  # a stale or foreign file under our name
+    except AttributeError:  # a foreign file under our name
         return None
 
 
@@ -197,6 +219,9 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """
     B, nh, T, hs = q.shape
     S = k.shape[2]
+    if any(t.device.type != "cpu" for t in (q, k, v) + (() if mask is None else (mask,))):
+        raise ValueError(f"native attention runs on CPU tensors only, got q on {q.device}, k on {k.device}, "
+                         f"v on {v.device}{'' if mask is None else f', mask on {mask.device}'}")  # fmt: skip
     if (T != 1 or k.shape != (B, nh, S, hs) or v.shape != k.shape or not (q.dtype == k.dtype == v.dtype)
             or q.dtype not in lib.dtypes or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):  # fmt: skip
         raise ValueError(f"native attention takes one query (B, nh, 1, hs) and keys/values (B, nh, S, hs) of one "
@@ -218,9 +243,9 @@ def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 def gelu_tanh_(x: torch.Tensor, lib: Library) -> torch.Tensor:
     """GPT-2's tanh GELU on a contiguous half-precision CPU tensor (any shape), in place: computed in
-    fp32 and rounded once, as ``F.gelu(x, approximate="tanh")`` (as 1 / (1 + e^(-2u)), without
-    the cancellation of 1 + tanh(u) for negative x: 98.8 % of 3M bf16 results equal float64's
-    rounded, against 93.3 % for torch's). Returns x.
+    fp32 and rounded once, as ``F.gelu(x, approximate="tanh")``, written as x / (1 + e^(-2u)),
+    which has no cancellation for negative x (tested: within one unit of the dtype of float64's
+    value everywhere). Returns x.
 
     Raises:
         ValueError: not a contiguous bf16 / fp16 CPU tensor this build serves.
@@ -236,5 +261,6 @@ def gelu_tanh_(x: torch.Tensor, lib: Library) -> torch.Tensor:
 
 def fast_gelu(lib: Library | None, dtype: torch.dtype) -> bool:
     """Whether :func:`gelu_tanh_` beats torch's GELU here: in AVX-512 builds (0.5 against ~2 ms for
-    a 1000 x 3072 bf16 activation on the AMD EPYC host); the AVX2 build's loops measured 4.4 ms."""
+    a 1000 x 3072 bf16 activation on the AMD EPYC host); the AVX2 build's loops measured 4.4 ms
+    (run on the same host)."""
     return lib is not None and lib.lanes >= 16 and dtype in lib.dtypes and dtype in (torch.bfloat16, torch.float16)

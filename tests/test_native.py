@@ -102,9 +102,11 @@ def test_native_rejects_bad_input_with_a_clear_error() -> None:
     """A wrong width, dtype or rank is a ValueError naming it, never a read out of bounds."""
     w = torch.randn(16, 32)
     mm = kernels.PreparedLinear("native", w, None, 1).mm
-    for bad in (torch.randn(1, 31), torch.randn(1, 32).double(), torch.randn(32), torch.randn(2, 1, 32)):
+    for bad in (torch.randn(1, 31), torch.randn(32), torch.randn(2, 1, 32), torch.randn(1, 32, device="meta")):
         with pytest.raises(ValueError, match="native kernel"):
             mm(bad)
+    with pytest.raises(RuntimeError):  # another dtype goes to torch's product, which says so (autocast aside)
+        mm(torch.randn(1, 32).double())
     with pytest.raises(ValueError, match="not available"):
         kernels.PreparedLinear("native", torch.randn(4, 8, dtype=torch.float64), None, 1)
 
@@ -295,3 +297,78 @@ def test_half_precision_prompts_and_steps_use_the_native_gelu_where_it_is_fast(m
         assert 70 in calls and 1 in calls  # the prompt's rows and a step's
     else:
         assert calls == []
+
+
+@needs_native
+def test_native_prepared_product_checks_its_bias() -> None:
+    """A bias of another dtype or length is a ValueError when the product is prepared, before any
+    pointer reaches C (it would read past the bias)."""
+    w = torch.randn(64, 48)
+    for b in (torch.randn(64).bfloat16(), torch.randn(3), torch.randn(64, 1)):
+        with pytest.raises(ValueError, match="bias"):
+            kernels.PreparedLinear("native", w, b, 1)
+
+
+@needs_native
+def test_native_under_autocast(make_checkpoint) -> None:
+    """An fp32 model on the native kernel generating under CPU bf16 autocast: activations that
+    autocast turned bf16 go through torch's product (what the plain kernel does), and a kernel
+    check run under autocast does not mark the kernel unavailable."""
+    directory, _ = make_checkpoint(seed=34)
+    model = GPT2.from_pretrained(directory)
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels._check("native", torch.float32, torch.device("cpu"))
+        with kernels.force("native"):
+            out = model.generate(ids, max_new_tokens=4, min_new_tokens=4)
+        with kernels.force("plain"):
+            ref = model.generate(ids, max_new_tokens=4, min_new_tokens=4)
+    assert out.shape == ref.shape == (1, 14) and torch.equal(out[:, :10], ids)
+
+
+@needs_native
+def test_native_attention_and_gelu_reject_other_devices() -> None:
+    q = torch.randn(1, 2, 1, 16).bfloat16()
+    with pytest.raises(ValueError, match="CPU"):
+        native.one_token_attention(q.to("meta"), q.to("meta"), q.to("meta"), None, 0.25, LIB)
+    with pytest.raises(ValueError, match="CPU"):
+        native.gelu_tanh_(torch.randn(4).bfloat16().to("meta"), LIB)
+
+
+def test_a_bad_cached_library_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None) -> None:
+    """A truncated file under the library's name (a crash mid-copy, a full disk) is rebuilt once,
+    not taken as 'no native kernel here' for good; the built file is readable by others."""
+    if LIB is None:
+        pytest.skip("no C compiler with OpenMP here")
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "c4"))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags of a host this process never loaded")  # a new name
+    built = native.library_file()
+    assert built is not None
+    path = built[1]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a shared library")
+    lib = native.library()
+    assert lib is not None and lib.path == path and path.stat().st_size > 1000
+    assert path.stat().st_mode & 0o755 == 0o755
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v2", "ivybridge", "x86-64-v3", "x86-64-v4"])
+def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> None:
+    """What other hosts' -march=native gives: plain C (no AVX), F16C without AVX2 (Ivy Bridge),
+    AVX2 + FMA, AVX-512; each build compiles without warnings and reports its vector width and
+    dtypes (fp16 only with F16C)."""
+    import ctypes
+    import subprocess
+
+    built = native.library_file() if native.platform.machine().lower() in ("x86_64", "amd64") else None
+    if built is None:
+        pytest.skip("no C compiler here")
+    out = tmp_path / f"{march}.so"
+    cmd = [*native.shlex.split(built[0]), "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-Wall", "-Wextra",
+           "-Werror", str(native.SOURCE), "-o", str(out), "-lm"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lib = ctypes.CDLL(str(out))
+    lanes, dtypes = lib.minigpt2_lanes(), lib.minigpt2_dtypes()
+    assert lanes == {"x86-64": 1, "x86-64-v2": 1, "ivybridge": 1, "x86-64-v3": 8, "x86-64-v4": 16}[march]
+    assert dtypes & 0b011 == 0b011 and bool(dtypes & 0b100) == (march != "x86-64" and march != "x86-64-v2")

@@ -14,7 +14,7 @@
  * streams), and ~38 GB/s for oneDNN's bf16 GEMV. No copy of the tied unembedding is needed.
  *
  * Threads: one OpenMP parallel region per call, on the OpenMP runtime torch itself uses
- * (kernels.py loads this library only when the process ends up with one OpenMP runtime), so
+ * (native.py uses this library only when the process ends up with one OpenMP runtime), so
  * the products and torch's own ops share one team and never spin against each other.
  *
  * Built on first use by native.py with the host's C compiler and -march=native: the vector
@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -253,16 +253,17 @@ int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *
     int nt = omp_get_max_threads();
     if (nt > pairs) nt = (int)pairs;
     if ((double)pairs * (double)S * (double)hs < 65536.0) nt = 1;
-    int failed = 0;
+    /* each thread's scratch (scores, q and the output in fp32), allocated before the team starts:
+     * every thread of a team must reach the work-sharing loop below */
+    size_t per = (size_t)(S > 0 ? S : 1) + 2 * (size_t)hs;
+    float *scratch = (float *)malloc((size_t)nt * per * sizeof(float));
+    if (!scratch) return -2;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        float *p = (float *)malloc((size_t)(S > 0 ? S : 1) * sizeof(float));
-        float *qf = (float *)malloc((size_t)hs * sizeof(float));
-        float *o = (float *)malloc((size_t)hs * sizeof(float));
-        if (!p || !qf || !o) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
+        float *p = scratch + (size_t)omp_get_thread_num() * per;
+        float *qf = p + (S > 0 ? S : 1);
+        float *o = qf + hs;
+        {
 #pragma omp for schedule(static)
             for (long bh = 0; bh < pairs; bh++) {
                 long b = bh / nh, h = bh % nh;
@@ -312,11 +313,9 @@ int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *
                 for (long d = 0; d < hs; d++) store(dtype, out, bh * hs + d, sum == 0.0f ? NAN : o[d] * inv);
             }
         }
-        free(p);
-        free(qf);
-        free(o);
     }
-    return failed ? -2 : 0;
+    free(scratch);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- tanh GELU, in place
@@ -326,8 +325,8 @@ int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *
  * Written as 0.5 (1 + tanh(u)) = 1 / (1 + e^(-2u)), which has no cancellation for negative x
  * (1 + tanh(u) -> 0 there), with e^y = 2^k e^r, |r| <= ln2 / 2, and a degree-7 Taylor
  * polynomial for e^r (relative error < 2e-8); plain loops the compiler vectorizes (AVX-512:
- * 0.6 ms for 1000 x 3072; native.py uses it only in AVX-512 builds, since the AVX2 build
- * measured 5.8 ms). Returns 0, -1 for a dtype this build does not serve. */
+ * 0.5 ms for 1000 x 3072; native.py uses it only in AVX-512 builds, since the AVX2 build
+ * measured 4.4 ms). Returns 0, -1 for a dtype this build does not serve. */
 static inline float exp_clamped(float y) {
     /* e^y for y in [-87, 87] (callers clamp): y = k ln2 + r */
     float k = __builtin_rintf(y * 1.44269504088896341f);
