@@ -21,8 +21,10 @@ generation with that overhead taken out, and nothing else changed:
   closer to the exact function and 0.4 ms a token faster on the 124M model (for a prompt's
   rows on oneDNN, in the epilogue of c_fc's product, without rounding the pre-activation to
   half precision first; where the native kernel is built with AVX-512, the same function in
-  place in C, native.gelu_tanh_: 0.5 against 2 ms for a 1000-token prompt's layer). And a decode step's attention runs in fp32
-  (:func:`one_token_attention`), 2-4x faster than PyTorch's bf16 SDPA for one query. (In fp32 the
+  place in C, native.gelu_tanh_: 0.5 against 2 ms for a 1000-token prompt's layer). And a
+  decode step's attention runs in fp32 (:func:`one_token_attention`, or the same computation
+  in C, native.one_token_attention, where the native kernel is built), 2-4x faster than
+  PyTorch's bf16 SDPA for one query. (In fp32 the
   fused kernel is 3-5x faster too but not the same bits: ~1 % of its outputs differ from
   NewGELUActivation's by up to ~1 float32 eps x |x|; fp32 keeps the exact formula so that a
   prompt's logits stay bit-identical to transformers' whatever the step kernel.)

@@ -573,10 +573,11 @@ def choose(
     allowed = list(candidates or KERNELS)
     candidates = [k for k in allowed if available(k, dtype, device)]
     if "numpy" in candidates and ("native" in candidates or numpy_blas_threads() != torch.get_num_threads()):
-        # Not with the native kernel at hand: both stream as fast (a same-process A/B of 128 fp32
-        # tokens here: 68.8 against 68.6 tok/s), but OpenBLAS's threads spin ~0.1 s after each
-        # call against torch's (a bf16 prefill right after an fp32 generate ran 15-20 % slower).
-        # Nor where it would not run on the user's thread count.
+        # Not with the native kernel at hand: it streams at least as fast (a same-process A/B of
+        # 128 fp32 tokens here: 103.6 against 76.7 tok/s on a fast run, 50.1 against 49.0 on a
+        # slow one), and OpenBLAS's threads spin ~0.1 s after each call against torch's (a bf16
+        # prefill right after an fp32 generate ran 15-20 % slower). Nor where it would not run
+        # on the user's thread count.
         candidates.remove("numpy")
     if len(candidates) == 1:
         return candidates[0]

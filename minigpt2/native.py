@@ -47,7 +47,8 @@ _OPENMP = ("libgomp", "libiomp", "libomp")
 
 
 class Library:
-    """The loaded kernel: its vector width, rows per group, dtypes, and the product itself."""
+    """The loaded library: its vector width and dtypes, and its three functions (the product,
+    one token's attention, the tanh GELU)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path

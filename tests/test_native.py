@@ -366,7 +366,7 @@ def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> No
     out = tmp_path / f"{march}.so"
     cmd = [*native.shlex.split(built[0]), "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-Wall", "-Wextra",
            "-Werror", str(native.SOURCE), "-o", str(out), "-lm"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     lib = ctypes.CDLL(str(out))
     lanes, dtypes = lib.minigpt2_lanes(), lib.minigpt2_dtypes()
