@@ -135,9 +135,9 @@ def timed(fn: Callable[[], Any]) -> float:
 
 #: Seconds of idle before each timed call of interleaved(): thread pools that spin after their
 #: work (OpenBLAS's ~0.1 s, ONNX Runtime's intra-op threads, ggml's) park meanwhile, so no engine
-#: is timed while the previous one's threads still hold the cores. (Without it, minigpt2's fp32
-#: row, timed first in each peer round right after llama.cpp's, moved between 78 and 114 tok/s
-#: across runs while its GEMV pass read at the same speed.)
+#: is timed while the previous one's threads still hold the cores. (Added when minigpt2's fp32
+#: row, timed first in each peer round right after llama.cpp's, read 114 and 78 tok/s in two
+#: runs; the machine's own speed also moved between them.)
 PAUSE = 0.25
 
 
