@@ -91,8 +91,9 @@ def _openmp_runtimes() -> set[str]:
 
 
 def _build_dir() -> Path:
-    root = os.environ.get("MINIGPT2_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "minigpt2")
-    return Path(root) / "native"
+    from .kernels import cache_file  # (kernels imports this module)
+
+    return cache_file().parent / "native"  # beside the kernel decisions: $MINIGPT2_CACHE_DIR
 
 
 def _compiler() -> tuple[str, str] | None:
