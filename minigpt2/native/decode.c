@@ -210,16 +210,9 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
  * work is large enough to gain from it. Returns 0, -1 for a dtype this build does not serve,
  * -2 when out of memory. */
 
-#if !(HAS_F16 && W > 1)
-static inline vec vload_any(int dtype, const void *p, long i0) {
-    float t[W];
-    for (int j = 0; j < W; j++) t[j] = in_f32(dtype, p, i0 + j);
-    return vload(t);
-}
-#endif
-
 static inline float dot_f32(int dtype, const void *a, long i0, const float *q, long hs) {
-    /* sum_d a[i0 + d] q[d], a of dtype, q fp32 */
+    /* sum_d a[i0 + d] q[d], a of dtype, q fp32: row_* with one accumulator, since a head (64
+     * values) is shorter than one of their U-vector iterations and this runs once a key */
     vec acc = vzero();
     long d = 0;
     float s;
@@ -233,8 +226,8 @@ static inline float dot_f32(int dtype, const void *a, long i0, const float *q, l
         for (; d + W <= hs; d += W) acc = vfma(vload_bf16(p + d), vload(q + d), acc);
         s = vsum(acc);
         for (; d < hs; d++) s += bf16_f32(p[d]) * q[d];
-    } else {
-#if HAS_F16 && W > 1
+    } else { /* F16: only where HAS_F16 (minigpt2_attention_one refuses it otherwise) */
+#if HAS_F16
         const uint16_t *p = (const uint16_t *)a + i0;
         for (; d + W <= hs; d += W) acc = vfma(vload_f16(p + d), vload(q + d), acc);
 #endif
@@ -263,55 +256,50 @@ int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *
         float *p = scratch + (size_t)omp_get_thread_num() * per;
         float *qf = p + (S > 0 ? S : 1);
         float *o = qf + hs;
-        {
 #pragma omp for schedule(static)
-            for (long bh = 0; bh < pairs; bh++) {
-                long b = bh / nh, h = bh % nh;
-                for (long d = 0; d < hs; d++) qf[d] = in_f32(dtype, q, b * qsb + h * qsh + d);
-                const uint8_t *m = mask ? mask + (mask_rows == 1 ? 0 : b) * S : NULL;
-                float mx = -INFINITY;
-                for (long s = 0; s < S; s++) {
-                    float sc = (m && !m[s]) ? -INFINITY : scale * dot_f32(dtype, k, b * ksb + h * ksh + s * kss, qf, hs);
-                    p[s] = sc;
-                    if (sc > mx) mx = sc;
-                }
-                float sum = 0.0f;
-                for (long s = 0; s < S; s++) {
-                    float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
-                    p[s] = e;
-                    sum += e;
-                }
-                /* o = sum_s p[s] v[s]: one vector of o at a time in a register, over all s
-                 * (the head's values stay in L1 between the passes) */
-                long d = 0;
-                for (; d + W <= hs; d += W) {
-                    vec acc = vzero();
-                    long i0 = b * vsb + h * vsh + d;
-                    if (dtype == F32) {
-                        const float *vp = (const float *)v + i0;
-                        for (long s = 0; s < S; s++) acc = vfma(vload(vp + s * vss), vset1(p[s]), acc);
-                    } else if (dtype == BF16) {
-                        const uint16_t *vp = (const uint16_t *)v + i0;
-                        for (long s = 0; s < S; s++) acc = vfma(vload_bf16(vp + s * vss), vset1(p[s]), acc);
-#if HAS_F16 && W > 1
-                    } else {
-                        const uint16_t *vp = (const uint16_t *)v + i0;
-                        for (long s = 0; s < S; s++) acc = vfma(vload_f16(vp + s * vss), vset1(p[s]), acc);
-#else
-                    } else {
-                        for (long s = 0; s < S; s++) acc = vfma(vload_any(dtype, v, i0 + s * vss), vset1(p[s]), acc);
-#endif
-                    }
-                    vstore(o + d, acc);
-                }
-                for (; d < hs; d++) {
-                    float acc = 0.0f;
-                    for (long s = 0; s < S; s++) acc += p[s] * in_f32(dtype, v, b * vsb + h * vsh + s * vss + d);
-                    o[d] = acc;
-                }
-                float inv = 1.0f / sum; /* sum == 0 (every key masked): inf * 0 = NaN, as torch */
-                for (long d = 0; d < hs; d++) store(dtype, out, bh * hs + d, sum == 0.0f ? NAN : o[d] * inv);
+        for (long bh = 0; bh < pairs; bh++) {
+            long b = bh / nh, h = bh % nh;
+            for (long d = 0; d < hs; d++) qf[d] = in_f32(dtype, q, b * qsb + h * qsh + d);
+            const uint8_t *m = mask ? mask + (mask_rows == 1 ? 0 : b) * S : NULL;
+            float mx = -INFINITY;
+            for (long s = 0; s < S; s++) {
+                float sc = (m && !m[s]) ? -INFINITY : scale * dot_f32(dtype, k, b * ksb + h * ksh + s * kss, qf, hs);
+                p[s] = sc;
+                if (sc > mx) mx = sc;
             }
+            float sum = 0.0f;
+            for (long s = 0; s < S; s++) {
+                float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
+                p[s] = e;
+                sum += e;
+            }
+            /* o = sum_s p[s] v[s]: one vector of o at a time in a register, over all s
+             * (the head's values stay in L1 between the passes) */
+            long d = 0;
+            for (; d + W <= hs; d += W) {
+                vec acc = vzero();
+                long i0 = b * vsb + h * vsh + d;
+                if (dtype == F32) {
+                    const float *vp = (const float *)v + i0;
+                    for (long s = 0; s < S; s++) acc = vfma(vload(vp + s * vss), vset1(p[s]), acc);
+                } else if (dtype == BF16) {
+                    const uint16_t *vp = (const uint16_t *)v + i0;
+                    for (long s = 0; s < S; s++) acc = vfma(vload_bf16(vp + s * vss), vset1(p[s]), acc);
+                } else {
+#if HAS_F16
+                    const uint16_t *vp = (const uint16_t *)v + i0;
+                    for (long s = 0; s < S; s++) acc = vfma(vload_f16(vp + s * vss), vset1(p[s]), acc);
+#endif
+                }
+                vstore(o + d, acc);
+            }
+            for (; d < hs; d++) {
+                float acc = 0.0f;
+                for (long s = 0; s < S; s++) acc += p[s] * in_f32(dtype, v, b * vsb + h * vsh + s * vss + d);
+                o[d] = acc;
+            }
+            float inv = 1.0f / sum; /* sum == 0: every key masked, NaN below, as torch's softmax gives */
+            for (long d = 0; d < hs; d++) store(dtype, out, bh * hs + d, sum == 0.0f ? NAN : o[d] * inv);
         }
     }
     free(scratch);
