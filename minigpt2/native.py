@@ -20,7 +20,7 @@ once per host, compiler and source (``-O3 -march=native -fopenmp``, under a seco
 ``$MINIGPT2_CACHE_DIR/native`` (default ``~/.cache/minigpt2/native``) and loaded with ctypes.
 Where anything is missing (no compiler, another OpenMP runtime than torch's, a non-x86 or
 non-Linux host), :func:`library` returns None and the kernel is simply not a candidate.
-``MINIGPT2_NATIVE=0`` switches it off.
+``MINIGPT2_NATIVE=0`` (or false / no / off) switches it off; a failed build says so once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -125,6 +126,23 @@ def _compile(cc: str, out: Path) -> bool:
             os.unlink(tmp)
 
 
+def _complete_elf(path: Path) -> bool:
+    """Whether ``path`` is a 64-bit ELF file as long as its header says: the section header table
+    (e_shoff + e_shnum * e_shentsize), which the linker writes last, ends within the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:5] != b"\x7fELF\x02":
+        return False
+    order = "little" if head[5] == 1 else "big"
+    shoff = int.from_bytes(head[0x28:0x30], order)
+    shentsize, shnum = int.from_bytes(head[0x3A:0x3C], order), int.from_bytes(head[0x3C:0x3E], order)
+    return 0 < shoff + shentsize * shnum <= size
+
+
 def library_file() -> tuple[str, Path] | None:
     """(the C compiler, the path its build of decode.c has or will have in the cache directory),
     or None without a compiler or the source. The name carries a hash of the source, the flags,
@@ -149,7 +167,7 @@ def library() -> Library | None:
     is the one torch loaded (checked after loading: a second runtime would bring a second
     thread pool, the problem this kernel avoids). A failed build is not retried in the same
     process."""
-    if os.environ.get(ENV_NATIVE, "1").strip() == "0":
+    if os.environ.get(ENV_NATIVE, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
@@ -161,11 +179,15 @@ def library() -> Library | None:
         return None
     cc, path = built
     try:
-        if not path.exists() and not _compile(cc, path):
+        # A file cut short (a full disk, a partial copy of the cache) must not reach dlopen: the
+        # loader maps it and dies of SIGBUS reading past its end, with no message. Build it again.
+        if not _complete_elf(path) and not _compile(cc, path):
+            warnings.warn(f"minigpt2: building the native kernel with {cc!r} into {path.parent} failed; decoding uses "
+                          f"the other kernels (MINIGPT2_NATIVE=0 skips the attempt)", stacklevel=2)  # fmt: skip
             return None
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError:  # a truncated or foreign file under our name: build it again, once
+        except OSError:  # a foreign file under our name: build it again, once
             if not _compile(cc, path):
                 return None
             lib = ctypes.CDLL(str(path))

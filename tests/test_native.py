@@ -158,6 +158,9 @@ def test_without_the_native_kernel_the_others_serve(
         monkeypatch.setenv("CC", "false")
         monkeypatch.setattr(native, "_compiler", lambda: ("false", "false 1.0"))
     monkeypatch.setattr(kernels, "_available", {})
+    if how == "compiler fails" and len(native._openmp_runtimes()) == 1:  # a build is attempted: it says so
+        with pytest.warns(UserWarning, match="building the native kernel"):
+            assert native.library() is None
     assert native.library() is None
     assert not kernels.available("native", torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -372,3 +375,36 @@ def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> No
     lanes, dtypes = lib.minigpt2_lanes(), lib.minigpt2_dtypes()
     assert lanes == {"x86-64": 1, "x86-64-v2": 1, "ivybridge": 1, "x86-64-v3": 8, "x86-64-v4": 16}[march]
     assert dtypes & 0b011 == 0b011 and bool(dtypes & 0b100) == (march != "x86-64" and march != "x86-64-v2")
+
+
+def test_a_cut_off_cached_library_is_built_again_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            fresh_library: None) -> None:  # fmt: skip
+    """A cached library cut short (a full disk, a partial copy of the cache) is rebuilt before the
+    loader sees it: loading one killed the process with SIGBUS, every run, with no message."""
+    if LIB is None:
+        pytest.skip("no C compiler with OpenMP here")
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "c5"))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags of another host never loaded here")  # a new name
+    cc, path = native.library_file()
+    assert native._compile(cc, path) and native._complete_elf(path)
+    whole = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(whole // 2)
+    assert not native._complete_elf(path)
+    lib = native.library()
+    assert lib is not None and lib.path == path and path.stat().st_size == whole
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", " off "])
+def test_native_switched_off(value: str, monkeypatch: pytest.MonkeyPatch, fresh_library: None) -> None:
+    monkeypatch.setenv(native.ENV_NATIVE, value)
+    assert native.library() is None
+
+
+def test_a_failed_build_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None) -> None:
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "c6"))
+    monkeypatch.setattr(native, "_compiler", lambda: ("false", "false 1.0"))
+    if len(native._openmp_runtimes()) != 1:
+        pytest.skip("torch runs no OpenMP runtime known here: no build is attempted")
+    with pytest.warns(UserWarning, match="building the native kernel with 'false'"):
+        assert native.library() is None
