@@ -400,6 +400,8 @@ class Decoder:
             self.layers.append((ln_1, sdpa, step[0].mm, step[1].mm, ln_2, step[2].mm, act, step[3].mm))
             self.layers_rows.append((ln_1, sdpa, rows[0], rows[1], ln_2, c_fc_rows, act_rows, rows[3]))
         self.unembed = p.unembed.mm
+        # Every step matrix on the native kernel: one-token steps run whole in C (native_step)
+        self.step = native_step(model, p, lib)
         # What ready() looks at before every step, gathered once: the hooks, and the weights
         # the prepared copies were made from (their version counters and addresses).
         # The decode steps' thread count: one for torch when numpy's BLAS does the products,
@@ -478,7 +480,7 @@ class Decoder:
         thread pools spin against each other (a 5-token check of gpt2-large's shape took 16x a
         one-token step that way)."""
         if ids.numel() > kernels.ROWS or (self.threads is None and not self.numpy_step):
-            return self.logits(self.hidden(ids, positions, mask, cache, last_only))
+            return self._forward(ids, positions, mask, cache, last_only)
         threads = self.threads
         # Only one-token steps teach StepThreads a step's time: a short prompt (up to kernels.ROWS
         # tokens) or a check of several drafts can take several steps' time, which would read as
@@ -490,12 +492,30 @@ class Decoder:
             n = threads.next() if step else threads.n  # 1 or the full team
         t = time.perf_counter()
         with self._on(n):
-            logits = self.logits(self.hidden(ids, positions, mask, cache, last_only))
+            logits = self._forward(ids, positions, mask, cache, last_only)
         if threads is not None and step:
             threads.record(n, time.perf_counter() - t)
             if n == 1 and threads.probe_due():
                 threads.probed(self._probe(threads.n, 0), self._probe(1, 1))
         return logits
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """The logits, by the whole native step where it applies (one new token per row, a cache
+        of the model's dtype, no autocast), else by hidden() and logits()."""
+        step = self.step
+        if (step is not None and last_only and cache is not None and ids.shape[1] == 1 and ids.shape[0] <= kernels.ROWS
+                and cache.kv.dtype == step.dtype and not cache.static and not torch.is_autocast_enabled("cpu")):  # fmt: skip
+            from .model import attention_bias
+
+            past = cache.length
+            bias = attention_bias(mask, 1, past, ids.device)  # (B, 1, 1, S) bool or None
+            logits = step(ids, positions, None if bias is None else bias.view(ids.shape[0], past + 1), cache.kv, past)
+            cache.advance(1)
+            return logits
+        return self.logits(self.hidden(ids, positions, mask, cache, last_only))
 
     @contextlib.contextmanager
     def _on(self, n: int) -> Iterator[None]:
@@ -528,6 +548,35 @@ class Decoder:
             blocks[i + 2].mm(x)
             blocks[i + 3].mm(h)
             return time.perf_counter() - t
+
+
+def native_step(model: GPT2, p: _Prepared, lib: native.Library | None) -> native.DecodeStep | None:
+    """The whole one-token step in C (native.DecodeStep) for a model whose step products all run
+    on the native kernel, with GPT-2's own GELU and one LayerNorm epsilon throughout; None
+    otherwise (then Decoder.hidden runs the step op by op)."""
+    from .model import NewGELUActivation
+
+    if lib is None or model.dtype not in lib.dtypes or p.block_kernel != "native" or p.unembed_kernel != "native":
+        return None
+    t = model.transformer
+    norms = [ln for b in t.h for ln in (b.ln_1, b.ln_2)] + [t.ln_f]
+    if any(type(b.mlp.act) is not NewGELUActivation for b in t.h) or len({ln.eps for ln in norms}) != 1:
+        return None
+    if any(ln.weight is None or ln.bias is None for ln in norms):
+        return None
+    layers = []
+    for i, b in enumerate(t.h):
+        w = p.blocks[4 * i : 4 * i + 4]
+        layers.append((b.ln_1.weight, b.ln_1.bias, w[0].weight, w[0].bias, w[1].weight, w[1].bias,
+                       b.ln_2.weight, b.ln_2.bias, w[2].weight, w[2].bias, w[3].weight, w[3].bias))  # fmt: skip
+    try:
+        return native.DecodeStep(lib, wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(),
+                                 layers=[tuple(None if x is None else x.detach() for x in layer) for layer in layers],
+                                 scales=[b.attn.scale for b in t.h], eps=t.ln_f.eps,
+                                 ln_f=(t.ln_f.weight.detach(), t.ln_f.bias.detach()),
+                                 unembed=p.unembed.weight)  # fmt: skip
+    except ValueError:  # a layout it does not take (a non-contiguous embedding, say): op by op
+        return None
 
 
 ENV_THREADS = "MINIGPT2_ADAPTIVE_THREADS"

@@ -148,8 +148,9 @@ class PreparedLinear:
             if lib is None or w.dtype not in lib.dtypes or w.device.type != "cpu":
                 raise ValueError(f"kernel 'native' is not available for {w.dtype} on {w.device.type} here")
             self.weight = w.contiguous()  # (out, in): each thread streams its rows in order
+            self.bias = None if b is None else b.contiguous()  # (what fast.py's whole native step reads too)
             self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else w.numel() * w.element_size()
-            self.mm = _native_linear(self.weight, b, lib)
+            self.mm = _native_linear(self.weight, self.bias, lib)
             return
         elif kernel == "upcast":
             if w.dtype not in HALF:

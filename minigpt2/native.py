@@ -47,9 +47,33 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OPENMP = ("libgomp", "libiomp", "libomp")
 
 
+class _StepArgs(ctypes.Structure):
+    """decode.c's step_args (minigpt2_decode_step's one argument), field for field."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int),
+        *[(f, ctypes.c_long) for f in ("B", "C", "n_head", "inner", "n_layer", "vocab", "n_positions")],
+        ("ids", ctypes.c_void_p),
+        ("positions", ctypes.c_void_p),
+        ("position_rows", ctypes.c_long),
+        ("wte", ctypes.c_void_p),
+        ("wpe", ctypes.c_void_p),
+        ("params", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("lnf_w", ctypes.c_void_p),
+        ("lnf_b", ctypes.c_void_p),
+        ("unembed", ctypes.c_void_p),
+        ("kv", ctypes.c_void_p),
+        *[(f, ctypes.c_long) for f in ("kv_l", "kv_kv", "kv_b", "kv_h", "kv_s", "max_len", "past")],
+        ("mask", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+    ]
+
+
 class Library:
-    """The loaded library: its vector width and dtypes, and its three functions (the product,
-    one token's attention, the tanh GELU)."""
+    """The loaded library: its vector width and dtypes, and its four functions (the product,
+    one token's attention, the tanh GELU, a whole decode step)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -69,6 +93,10 @@ class Library:
         gelu.argtypes = [ctypes.c_int, p, n]
         gelu.restype = ctypes.c_int
         self.gelu_fn = gelu
+        step = lib.minigpt2_decode_step
+        step.argtypes = [ctypes.POINTER(_StepArgs)]
+        step.restype = ctypes.c_int
+        self.step_fn = step
 
 
 def _cpu_flags() -> str:
@@ -288,3 +316,135 @@ def fast_gelu(lib: Library | None, dtype: torch.dtype) -> bool:
     a 1000 x 3072 bf16 activation on the AMD EPYC host); the AVX2 build's loops measured 4.4 ms
     (run on the same host)."""
     return lib is not None and lib.lanes >= 16 and dtype in lib.dtypes and dtype in (torch.bfloat16, torch.float16)
+
+
+class DecodeStep:
+    """GPT-2's forward for one new token per row, every layer in one call of decode.c's
+    ``minigpt2_decode_step``: token and position embeddings, per block ln_1, the q|k|v product
+    (keys and values written straight into the cache), one token's attention over the cache,
+    attn.c_proj added into the residual stream, ln_2, c_fc with the tanh GELU, mlp.c_proj
+    added, then ln_f and the tied unembedding; fp32 logits out.
+
+    The same arithmetic as the model in its dtype, with the model's roundings (decode.c says
+    which), products on this library's GEMV, all in one OpenMP parallel region of torch's team
+    (omp_get_max_threads() of the calling thread) with five barriers a layer. What it replaces:
+    ~200 torch ops and 49 + 12 separate C calls a token, ~1 ms of a 5.5 ms bf16 token of GPT-2
+    124M on the AMD EPYC host here (docs/performance.md).
+
+    The tensors are bound once (their addresses); the caller keeps them unchanged, or builds
+    a new step (fast.Decoder rebuilds when a weight's version or address changes).
+    """
+
+    def __init__(
+        self,
+        lib: Library,
+        *,
+        wte: torch.Tensor,
+        wpe: torch.Tensor,
+        layers: list[tuple[torch.Tensor | None, ...]],
+        scales: list[float],
+        eps: float,
+        ln_f: tuple[torch.Tensor, torch.Tensor],
+        unembed: torch.Tensor,
+    ) -> None:
+        """wte (V, C) and wpe (n_positions, C); per block the 12 tensors (ln_1 weight, bias; c_attn
+        (3C, C), its bias (3C); attn.c_proj (C, C), (C); ln_2 weight, bias; c_fc (inner, C),
+        (inner); mlp.c_proj (C, inner), (C)), weights as [out, in], biases possibly None;
+        each block's attention scale; the layer norms' one epsilon; ln_f's weight and bias;
+        the unembedding (V, C). All contiguous CPU tensors of one dtype this build serves.
+
+        Raises:
+            ValueError: a tensor of another dtype, device, layout or shape.
+        """
+        dtype = wte.dtype
+        V, C = wte.shape
+        inner = layers[0][8].shape[0] if layers and layers[0][8] is not None else 0
+        shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (inner, C), (inner,), (C, inner), (C,)]
+        tensors = [("wte", wte), ("wpe", wpe), ("ln_f.weight", ln_f[0]), ("ln_f.bias", ln_f[1]), ("unembed", unembed)]
+        for i, layer in enumerate(layers):
+            if len(layer) != len(shapes):
+                raise ValueError(f"native decode step: block {i} has {len(layer)} tensors, not {len(shapes)}")
+            for j, (t, shape) in enumerate(zip(layer, shapes)):
+                if t is None and j in (3, 5, 9, 11):  # a bias may be absent
+                    continue
+                if t is None or tuple(t.shape) != shape:
+                    raise ValueError(f"native decode step: block {i} tensor {j} has shape "
+                                     f"{None if t is None else tuple(t.shape)}, expected {shape}")  # fmt: skip
+                tensors.append((f"block {i} tensor {j}", t))
+        if wpe.dim() != 2 or wpe.shape[1] != C or tuple(unembed.shape) != (V, C) or ln_f[0].shape != (C,) \
+                or ln_f[1].shape != (C,) or inner == 0 or len(scales) != len(layers):  # fmt: skip
+            raise ValueError(f"native decode step: shapes do not fit wte {tuple(wte.shape)}: wpe {tuple(wpe.shape)}, "
+                             f"unembed {tuple(unembed.shape)}, ln_f {tuple(ln_f[0].shape)}, {len(scales)} scales "
+                             f"for {len(layers)} blocks")  # fmt: skip
+        for name, t in tensors:
+            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"native decode step: {name} is {t.dtype} on {t.device}"
+                                 f"{'' if t.is_contiguous() else ', not contiguous'}; every tensor must be a "
+                                 f"contiguous CPU tensor of {dtype}")  # fmt: skip
+        if dtype not in lib.dtypes:
+            raise ValueError(f"this build of the native kernel does not serve {dtype}")
+        self.lib, self.dtype, self.vocab, self.n_layer = lib, dtype, V, len(layers)
+        self._keep = [t for _, t in tensors]  # the C side only sees addresses
+        ptrs = [None if t is None else t.data_ptr() for layer in layers for t in layer]
+        self._params = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        self._scales = (ctypes.c_float * len(scales))(*scales)
+        a = self.args = _StepArgs()
+        a.dtype, a.C, a.inner, a.n_layer, a.vocab, a.n_positions = DTYPES[dtype], C, inner, len(layers), V, wpe.shape[0]
+        a.wte, a.wpe, a.unembed = wte.data_ptr(), wpe.data_ptr(), unembed.data_ptr()
+        a.lnf_w, a.lnf_b = ln_f[0].data_ptr(), ln_f[1].data_ptr()
+        a.params = ctypes.cast(self._params, ctypes.c_void_p)
+        a.scales = ctypes.cast(self._scales, ctypes.c_void_p)
+        a.eps = eps
+        self._ref = ctypes.byref(a)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor,
+                 past: int) -> torch.Tensor:  # fmt: skip
+        """fp32 logits (B, V) of one step: ids (B, 1) and positions (B or 1, 1) int64, mask None or
+        bool (B, past + 1) (True = may attend; every row needs a key it may attend), ``kv`` the
+        cache buffer (n_layer, 2, B, n_head, max_len, head_dim) in this step's dtype with its
+        last dimension contiguous, ``past`` the positions already in it. Writes this token's
+        keys and values at position ``past`` (the caller advances its length).
+
+        Raises:
+            ValueError: inputs of another shape, dtype or layout, a full cache, a token id or
+                position outside the embeddings.
+        """
+        B = ids.shape[0]
+        if (ids.dtype != torch.int64 or positions.dtype != torch.int64 or ids.shape != (B, 1)
+                or positions.shape not in ((1, 1), (B, 1))):  # fmt: skip
+            raise ValueError(f"native decode step: ids (B, 1) and positions (B or 1, 1) must be int64, got "
+                             f"{tuple(ids.shape)} {ids.dtype}, {tuple(positions.shape)} {positions.dtype}")  # fmt: skip
+        if kv.dtype != self.dtype or kv.dim() != 6 or kv.shape[0] != self.n_layer or kv.shape[2] != B \
+                or kv.stride(-1) != 1 or kv.device.type != "cpu":  # fmt: skip
+            raise ValueError(f"native decode step: the cache must be ({self.n_layer}, 2, {B}, n_head, max_len, "
+                             f"head_dim) {self.dtype} on the CPU, got {tuple(kv.shape)} {kv.dtype} on {kv.device}")  # fmt: skip
+        if kv.shape[3] * kv.shape[5] != self.args.C:
+            raise ValueError(f"native decode step: the cache's {kv.shape[3]} heads of {kv.shape[5]} do not make "
+                             f"n_embd={self.args.C}")  # fmt: skip
+        S = past + 1
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (B, S)):
+            raise ValueError(f"native decode step: the mask must be bool ({B}, {S}), got "
+                             f"{tuple(mask.shape)} {mask.dtype}")  # fmt: skip
+        ids, positions = ids.contiguous(), positions.contiguous()
+        mask = None if mask is None else mask.contiguous()
+        logits = torch.empty(B, self.vocab)
+        a = self.args
+        a.B, a.n_head = B, kv.shape[3]
+        a.ids, a.positions, a.position_rows = ids.data_ptr(), positions.data_ptr(), positions.shape[0]
+        a.kv, a.max_len, a.past = kv.data_ptr(), kv.shape[4], past
+        a.kv_l, a.kv_kv, a.kv_b, a.kv_h, a.kv_s = kv.stride()[:5]
+        a.mask = None if mask is None else mask.data_ptr()
+        a.logits = logits.data_ptr()
+        rc = self.lib.step_fn(self._ref)
+        if rc == 0:
+            return logits
+        if rc == -4:
+            raise ValueError(f"native decode step: a token id outside 0..{self.vocab - 1} or a position outside "
+                             f"0..{a.n_positions - 1} (ids {ids.flatten().tolist()}, positions "
+                             f"{positions.flatten().tolist()})")  # fmt: skip
+        if rc == -3:
+            raise ValueError(f"native decode step: sizes it does not take (batch {B}, past {past}, cache of "
+                             f"{kv.shape[4]} positions, {kv.shape[3]} heads)")  # fmt: skip
+        if rc == -2:
+            raise MemoryError("the native decode step could not allocate its buffers")
+        raise ValueError(f"this build of the native kernel does not serve {self.dtype}")

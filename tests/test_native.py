@@ -296,10 +296,18 @@ def test_half_precision_prompts_and_steps_use_the_native_gelu_where_it_is_fast(m
     ids = torch.randint(0, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(2))
     with kernels.force("native"):
         model.generate(ids, max_new_tokens=3, min_new_tokens=3)
+        in_generate = list(calls)
+        with torch.inference_mode():
+            dec = fast.decoder(model, 1)
+            cache = model.make_cache(1, 72)
+            dec.hidden(ids, torch.arange(70)[None], None, cache)
+            calls.clear()
+            dec.hidden(ids[:, -1:], torch.tensor([[70]]), None, cache)  # a step op by op
     if native.fast_gelu(LIB, torch.bfloat16):
-        assert 70 in calls and 1 in calls  # the prompt's rows and a step's
+        assert 70 in in_generate  # the prompt's rows
+        assert calls == [1] * model.config.n_layer  # (generate's steps ran whole in C: see test_decode_step_*)
     else:
-        assert calls == []
+        assert in_generate == calls == []
 
 
 @needs_native
@@ -408,3 +416,136 @@ def test_a_failed_build_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         pytest.skip("torch runs no OpenMP runtime known here: no build is attempted")
     with pytest.warns(UserWarning, match="building the native kernel with 'false'"):
         assert native.library() is None
+
+
+# ------------------------------------------------------------------ the whole decode step in C
+def _step_model(make_checkpoint, dtype: torch.dtype, **config) -> GPT2:
+    directory, _ = make_checkpoint(seed=41, **config)
+    return GPT2.from_pretrained(directory, dtype=dtype)
+
+
+def _half_ulps(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-5, torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}[dtype]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", ["one row", "padded rows", "odd head size"])
+def test_decode_step_is_the_op_by_op_step(make_checkpoint, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                          threads: int, case: str) -> None:  # fmt: skip
+    """Whole steps in C give the op-by-op step's logits and cache contents: in half precision
+    the same roundings at the same places (equal but for a rare last-bit difference of a layer
+    norm), in fp32 within fp32 rounding; with padded rows (a mask), a head size that is not a
+    multiple of the vectors (12) and per-layer attention scales, on one thread and on two."""
+    if dtype not in LIB.dtypes:
+        pytest.skip(f"this build does not serve {dtype} (no F16C)")
+    config = dict(n_embd=48, n_head=4, n_layer=3, scale_attn_by_inverse_layer_idx=True) if case == "odd head size" else {}
+    model = _step_model(make_checkpoint, dtype, **config)
+    B, T = (1, 7) if case == "one row" else (3, 7)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    mask = None
+    if case == "padded rows":
+        mask = torch.ones(B, T + 6, dtype=torch.long)
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+    calls = []
+    real = native.DecodeStep.__call__
+    monkeypatch.setattr(native.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with kernels.force("native"), torch.inference_mode():
+            dec = fast.decoder(model, B)
+            assert dec is not None and dec.step is not None
+            caches = [model.make_cache(B, T + 6), model.make_cache(B, T + 6)]
+            positions = torch.arange(T)[None] if mask is None else (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
+            for c in caches:
+                dec(ids, positions, None if mask is None else mask[:, :T], c)
+            tok = ids[:, -1:]
+            for i in range(6):
+                m = None if mask is None else mask[:, : T + i + 1]
+                pos = positions[:, -1:] + i + 1
+                want = dec.logits(dec.hidden(tok, pos, m, caches[0]))
+                got = dec(tok, pos, m, caches[1])
+                assert got.dtype == torch.float32 and got.shape == (B, V)
+                tol = _half_ulps(dtype) * want.abs().max().item()
+                assert (got - want).abs().max().item() <= tol, f"step {i}"
+                tok = want.argmax(-1, keepdim=True)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 6 and caches[0].length == caches[1].length == T + 6
+    k0, k1 = caches[0].kv.float(), caches[1].kv.float()
+    assert (k0 - k1).abs().max().item() <= _half_ulps(dtype) * k0.abs().max().item()
+
+
+@needs_native
+def test_decode_step_generates_transformers_tokens(make_checkpoint) -> None:
+    """fp32 greedy and sampled generation through whole C steps: the tokens of transformers."""
+    directory, hf = make_checkpoint(seed=42)
+    model = GPT2.from_pretrained(directory)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    with kernels.force("native"):
+        with torch.inference_mode():
+            assert fast.decoder(model, 1).step is not None
+        for sample in (False, True):
+            torch.manual_seed(5)
+            ours = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=sample, top_k=0)
+            torch.manual_seed(5)
+            theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+                                 do_sample=sample, top_k=0, pad_token_id=0)  # fmt: skip
+            assert torch.equal(ours, theirs), sample
+
+
+@needs_native
+def test_decode_step_refuses_what_it_cannot_read(make_checkpoint) -> None:
+    """Bad ids, positions, caches and masks are ValueErrors naming the value, before C reads past
+    a tensor; under autocast the Decoder runs the step op by op (autocast's dtypes, not the C
+    step's)."""
+    model = _step_model(make_checkpoint, torch.float32)
+    c = model.config
+    with kernels.force("native"), torch.inference_mode():
+        dec = fast.decoder(model, 1)
+        step = dec.step
+        cache = model.make_cache(1, 4)
+        one = torch.tensor([[1]])
+        with pytest.raises(ValueError, match="token id"):
+            step(torch.tensor([[c.vocab_size]]), torch.tensor([[0]]), None, cache.kv, 0)
+        with pytest.raises(ValueError, match="token id"):
+            step(torch.tensor([[-1]]), torch.tensor([[0]]), None, cache.kv, 0)
+        with pytest.raises(ValueError, match="position"):
+            step(one, torch.tensor([[c.n_positions]]), None, cache.kv, 0)
+        with pytest.raises(ValueError, match="cache of 4 positions"):
+            step(one, torch.tensor([[4]]), None, cache.kv, 4)
+        with pytest.raises(ValueError, match="the cache must be"):
+            step(one, torch.tensor([[0]]), None, cache.kv.bfloat16(), 0)
+        with pytest.raises(ValueError, match="the mask must be"):
+            step(one, torch.tensor([[0]]), torch.ones(1, 3, dtype=torch.bool), cache.kv, 0)
+        with pytest.raises(ValueError, match="int64"):
+            step(one.int(), torch.tensor([[0]]), None, cache.kv, 0)
+        assert cache.length == 0
+        calls = []
+        dec.step = type("Spy", (), {"dtype": torch.float32, "__call__": lambda self, *a: calls.append(a)})()
+        dec(one, torch.tensor([[0]]), None, model.make_cache(1, 4))
+        assert len(calls) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dec(one, torch.tensor([[0]]), None, model.make_cache(1, 4))
+        assert len(calls) == 1  # under autocast: op by op
+
+
+@needs_native
+def test_decode_step_only_where_every_step_product_is_native(make_checkpoint) -> None:
+    """No whole C step for another kernel, another activation or differing layer norm epsilons:
+    those steps run op by op."""
+    model = _step_model(make_checkpoint, torch.float32)
+    with torch.inference_mode():
+        with kernels.force("plain"):
+            assert fast.decoder(model, 1).step is None
+        with kernels.force("native"):
+            assert fast.decoder(model, 1).step is not None
+            relu = _step_model(make_checkpoint, torch.float32, activation_function="relu")
+            assert fast.decoder(relu, 1).step is None
+            model.transformer.h[0].ln_2.eps = 1e-6
+            fast.release(model)
+            assert fast.decoder(model, 1).step is None

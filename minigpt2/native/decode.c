@@ -55,6 +55,7 @@ static inline vec vload_bf16(const uint16_t *p) {
 static inline vec vload_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 static inline vec vset1(float f) { return _mm512_set1_ps(f); }
 static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
@@ -71,6 +72,7 @@ static inline vec vload_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load
 #endif
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 static inline vec vset1(float f) { return _mm256_set1_ps(f); }
 static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
 static inline float vsum(vec a) {
@@ -90,6 +92,7 @@ static inline vec vload_f16(const uint16_t *p) { return f16_f32(*p); }
 #endif
 static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 static inline vec vadd(vec a, vec b) { return a + b; }
+static inline vec vsub(vec a, vec b) { return a - b; }
 static inline vec vset1(float f) { return f; }
 static inline void vstore(float *p, vec a) { *p = a; }
 static inline float vsum(vec a) { return a; }
@@ -237,6 +240,52 @@ static inline float dot_f32(int dtype, const void *a, long i0, const float *q, l
     return s;
 }
 
+/* One (row, head) pair: o = softmax(scale * qf . k[s] over s < S, masked) . v[s] in fp32, into
+ * o (hs floats, not yet divided by the sum of the weights: that is returned). kp, vp: the head's
+ * first key / value, consecutive positions kss / vss elements apart; m: NULL or S bytes, nonzero =
+ * may attend; p: S floats of scratch. Returns the sum of the weights (0 when every key is masked). */
+static float attend(int dtype, const float *qf, const void *k, long k0, long kss, const void *v, long v0, long vss,
+                    const uint8_t *m, long S, long hs, float scale, float *p, float *o) {
+    float mx = -INFINITY;
+    for (long s = 0; s < S; s++) {
+        float sc = (m && !m[s]) ? -INFINITY : scale * dot_f32(dtype, k, k0 + s * kss, qf, hs);
+        p[s] = sc;
+        if (sc > mx) mx = sc;
+    }
+    float sum = 0.0f;
+    for (long s = 0; s < S; s++) {
+        float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
+        p[s] = e;
+        sum += e;
+    }
+    /* o = sum_s p[s] v[s]: one vector of o at a time in a register, over all s (the head's
+     * values stay in L1 between the passes) */
+    long d = 0;
+    for (; d + W <= hs; d += W) {
+        vec acc = vzero();
+        long i0 = v0 + d;
+        if (dtype == F32) {
+            const float *vp = (const float *)v + i0;
+            for (long s = 0; s < S; s++) acc = vfma(vload(vp + s * vss), vset1(p[s]), acc);
+        } else if (dtype == BF16) {
+            const uint16_t *vp = (const uint16_t *)v + i0;
+            for (long s = 0; s < S; s++) acc = vfma(vload_bf16(vp + s * vss), vset1(p[s]), acc);
+        } else {
+#if HAS_F16
+            const uint16_t *vp = (const uint16_t *)v + i0;
+            for (long s = 0; s < S; s++) acc = vfma(vload_f16(vp + s * vss), vset1(p[s]), acc);
+#endif
+        }
+        vstore(o + d, acc);
+    }
+    for (; d < hs; d++) {
+        float acc = 0.0f;
+        for (long s = 0; s < S; s++) acc += p[s] * in_f32(dtype, v, v0 + s * vss + d);
+        o[d] = acc;
+    }
+    return sum;
+}
+
 int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *v, const uint8_t *mask,
                            long mask_rows, void *out, long B, long nh, long S, long hs, long qsb, long qsh,
                            long ksb, long ksh, long kss, long vsb, long vsh, long vss, float scale) {
@@ -261,43 +310,7 @@ int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *
             long b = bh / nh, h = bh % nh;
             for (long d = 0; d < hs; d++) qf[d] = in_f32(dtype, q, b * qsb + h * qsh + d);
             const uint8_t *m = mask ? mask + (mask_rows == 1 ? 0 : b) * S : NULL;
-            float mx = -INFINITY;
-            for (long s = 0; s < S; s++) {
-                float sc = (m && !m[s]) ? -INFINITY : scale * dot_f32(dtype, k, b * ksb + h * ksh + s * kss, qf, hs);
-                p[s] = sc;
-                if (sc > mx) mx = sc;
-            }
-            float sum = 0.0f;
-            for (long s = 0; s < S; s++) {
-                float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
-                p[s] = e;
-                sum += e;
-            }
-            /* o = sum_s p[s] v[s]: one vector of o at a time in a register, over all s
-             * (the head's values stay in L1 between the passes) */
-            long d = 0;
-            for (; d + W <= hs; d += W) {
-                vec acc = vzero();
-                long i0 = b * vsb + h * vsh + d;
-                if (dtype == F32) {
-                    const float *vp = (const float *)v + i0;
-                    for (long s = 0; s < S; s++) acc = vfma(vload(vp + s * vss), vset1(p[s]), acc);
-                } else if (dtype == BF16) {
-                    const uint16_t *vp = (const uint16_t *)v + i0;
-                    for (long s = 0; s < S; s++) acc = vfma(vload_bf16(vp + s * vss), vset1(p[s]), acc);
-                } else {
-#if HAS_F16
-                    const uint16_t *vp = (const uint16_t *)v + i0;
-                    for (long s = 0; s < S; s++) acc = vfma(vload_f16(vp + s * vss), vset1(p[s]), acc);
-#endif
-                }
-                vstore(o + d, acc);
-            }
-            for (; d < hs; d++) {
-                float acc = 0.0f;
-                for (long s = 0; s < S; s++) acc += p[s] * in_f32(dtype, v, b * vsb + h * vsh + s * vss + d);
-                o[d] = acc;
-            }
+            float sum = attend(dtype, qf, k, b * ksb + h * ksh, kss, v, b * vsb + h * vsh, vss, m, S, hs, scale, p, o);
             float inv = 1.0f / sum; /* sum == 0: every key masked, NaN below, as torch's softmax gives */
             for (long d = 0; d < hs; d++) store(dtype, out, bh * hs + d, sum == 0.0f ? NAN : o[d] * inv);
         }
@@ -326,6 +339,18 @@ static inline float exp_clamped(float y) {
     return p * scale;
 }
 
+/* buf[j] <- GELU(buf[j]) for j < m, in fp32 */
+static inline void gelu_span(float *buf, long m) {
+#pragma omp simd
+    for (long j = 0; j < m; j++) {
+        float v = buf[j];
+        float y = -1.5957691216057308f * (v + 0.044715f * v * v * v); /* -2u */
+        float big = y > 87.0f; /* e^y past fp32: |result| < 1e-36 (x < -10), flushed to 0 (-0 for v < 0) */
+        y = y > 87.0f ? 87.0f : (y < -87.0f ? -87.0f : y);
+        buf[j] = big != 0.0f ? v * 0.0f : v / (1.0f + exp_clamped(y));
+    }
+}
+
 int minigpt2_gelu_tanh_(int dtype, void *x, long n) {
     if (dtype != BF16 && !(dtype == F16 && HAS_F16)) return -1;
     int nt = omp_get_max_threads();
@@ -342,19 +367,186 @@ int minigpt2_gelu_tanh_(int dtype, void *x, long n) {
                 for (long j = 0; j < m; j++) buf[j] = bf16_f32(p[c + j]);
             else
                 for (long j = 0; j < m; j++) buf[j] = in_f32(dtype, p, c + j);
-#pragma omp simd
-            for (long j = 0; j < m; j++) {
-                float v = buf[j];
-                float y = -1.5957691216057308f * (v + 0.044715f * v * v * v); /* -2u */
-                float big = y > 87.0f; /* e^y past fp32: |result| < 1e-36 (x < -10), flushed to 0 (-0 for v < 0) */
-                y = y > 87.0f ? 87.0f : (y < -87.0f ? -87.0f : y);
-                buf[j] = big != 0.0f ? v * 0.0f : v / (1.0f + exp_clamped(y));
-            }
+            gelu_span(buf, m);
             if (dtype == BF16)
                 for (long j = 0; j < m; j++) p[c + j] = f32_bf16(buf[j]);
             else
                 for (long j = 0; j < m; j++) store(dtype, p, c + j, buf[j]);
         }
     }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- one decode step, whole
+ * GPT-2's forward for one new token per row (a decode step), every layer, in one call and one
+ * OpenMP parallel region: the team streams each matrix (each thread its contiguous block of
+ * rows, as minigpt2_linear) and meets at a barrier between the phases that need the whole of
+ * the previous one, five a layer. The same arithmetic as the model's forward in `dtype`, with
+ * its roundings: every tensor the model would store in half precision (the layer norms' and
+ * the products' outputs, the attention output, the residual stream after each addition, the
+ * GELU, the logits) is rounded to it here at the same place, and kept in fp32 in between.
+ * In fp32 nothing is rounded; the GELU is the tanh form written as x / (1 + e^(-2u)) (gelu_span),
+ * within a few fp32 units of 0.5 x (1 + tanh(u)).
+ *
+ * Why: a token of GPT-2 124M in bf16 reads ~250 MB in ~4.6 ms here, and the same layer norms,
+ * cache writes, attention, residual additions and GELUs issued as ~200 torch ops from Python
+ * took another ~1 ms (docs/performance.md). */
+enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B, MPROJ_W, MPROJ_B, PER_LAYER };
+
+typedef struct {
+    int dtype;                 /* F32, BF16 or F16: every tensor below but logits, scales and the ids */
+    long B, C, n_head, inner, n_layer, vocab, n_positions;
+    const int64_t *ids;        /* (B): this step's token per row */
+    const int64_t *positions;  /* (position_rows): one position for every row (1) or one per row (B) */
+    long position_rows;
+    const void *wte, *wpe;     /* (vocab, C), (n_positions, C) */
+    const void *const *params; /* n_layer x PER_LAYER: LN weight and bias (C), c_attn, attn.c_proj, c_fc, mlp.c_proj
+                                * as [out, in] and their biases (out) (NULL: none) */
+    const float *scales;       /* (n_layer): the attention's scale per layer */
+    float eps;                 /* every LayerNorm's epsilon */
+    const void *lnf_w, *lnf_b; /* (C) */
+    const void *unembed;       /* (vocab, C) */
+    void *kv;                  /* the cache: (layer l, k|v i, row b, head h, position s, d) at
+                                * l kv_l + i kv_kv + b kv_b + h kv_h + s kv_s + d */
+    long kv_l, kv_kv, kv_b, kv_h, kv_s, max_len;
+    long past;                 /* positions already cached: this token's keys and values go to position past */
+    const uint8_t *mask;       /* NULL, or (B, past + 1) bytes: nonzero = may attend */
+    float *logits;             /* (B, vocab), written */
+} step_args;
+
+static inline float rnd(int dtype, float v) {
+    if (dtype == BF16) return bf16_f32(f32_bf16(v));
+#if HAS_F16
+    if (dtype == F16) return f16_f32(f32_f16(v));
+#endif
+    return v;
+}
+
+/* acc[n] = row o of W [out, in] . x[n] for the N (<= 64) rows of x */
+static inline void row_any(int dtype, const void *w, long o, const float *x, long N, long in, float *acc) {
+    if (dtype == F32) row_f32((const float *)w + o * in, x, N, in, acc);
+    else if (dtype == BF16) row_bf16((const uint16_t *)w + o * in, x, N, in, acc);
+#if HAS_F16
+    else row_f16((const uint16_t *)w + o * in, x, N, in, acc);
+#endif
+}
+
+/* out[n] = LayerNorm(x[n]) for N rows of C: mean and variance in fp32 (two passes), the
+ * output rounded to dtype */
+static void layer_norm_rows(int dtype, const float *x, long N, long C, const void *w, const void *b, float eps,
+                            float *out) {
+    for (long n = 0; n < N; n++) {
+        const float *xn = x + n * C;
+        float *on = out + n * C;
+        vec a = vzero();
+        long i = 0;
+        for (; i + W <= C; i += W) a = vadd(a, vload(xn + i));
+        float s = vsum(a);
+        for (; i < C; i++) s += xn[i];
+        float mean = s / (float)C;
+        vec m = vset1(mean);
+        a = vzero();
+        for (i = 0; i + W <= C; i += W) {
+            vec d = vsub(vload(xn + i), m);
+            a = vfma(d, d, a);
+        }
+        float ss = vsum(a);
+        for (; i < C; i++) ss += (xn[i] - mean) * (xn[i] - mean);
+        float rstd = 1.0f / sqrtf(ss / (float)C + eps);
+        if (dtype == F32) {
+            const float *wf = (const float *)w, *bf = (const float *)b;
+            for (i = 0; i < C; i++) on[i] = (xn[i] - mean) * rstd * wf[i] + bf[i];
+        } else {
+            for (i = 0; i < C; i++) on[i] = rnd(dtype, (xn[i] - mean) * rstd * in_f32(dtype, w, i) + in_f32(dtype, b, i));
+        }
+    }
+}
+
+/* Returns 0; -1 for a dtype this build does not serve, -2 when out of memory, -3 for sizes it
+ * does not take (B outside 1..64, C not n_head x head size, the cache full), -4 for a token id
+ * or position outside the embeddings. */
+int minigpt2_decode_step(const step_args *a) {
+    int dtype = a->dtype;
+    if (dtype < 0 || dtype > F16 || !((minigpt2_dtypes() >> dtype) & 1)) return -1;
+    const long B = a->B, C = a->C, nh = a->n_head, inner = a->inner, L = a->n_layer, V = a->vocab;
+    const long hs = nh > 0 ? C / nh : 0, past = a->past, S = past + 1;
+    if (B <= 0 || B > 64 || nh <= 0 || hs * nh != C || inner <= 0 || past < 0 || S > a->max_len) return -3;
+    for (long n = 0; n < B; n++) {
+        int64_t id = a->ids[n], p = a->positions[a->position_rows == 1 ? 0 : n];
+        if (id < 0 || id >= V || p < 0 || p >= a->n_positions) return -4;
+    }
+    int nt = omp_get_max_threads();
+    size_t shared = (size_t)B * (3 * C + inner);          /* x (the residual stream), q, attention out, MLP activation */
+    size_t per = (size_t)B * C + (size_t)S + (size_t)hs + 64; /* each thread's layer norm, scores, head output, sums */
+    float *buf = (float *)malloc((shared + (size_t)nt * per) * sizeof(float));
+    if (!buf) return -2;
+    float *x = buf, *q = x + B * C, *att = q + B * C, *fc = att + B * C, *priv = fc + B * inner;
+    for (long n = 0; n < B; n++) {
+        long id = (long)a->ids[n], p = (long)a->positions[a->position_rows == 1 ? 0 : n];
+        for (long i = 0; i < C; i++) x[n * C + i] = rnd(dtype, in_f32(dtype, a->wte, id * C + i) + in_f32(dtype, a->wpe, p * C + i));
+    }
+    const long kv_l = a->kv_l, kv_kv = a->kv_kv, kv_b = a->kv_b, kv_h = a->kv_h, kv_s = a->kv_s;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        float *ln = priv + (size_t)t * per, *sc = ln + B * C, *o = sc + S, *acc = o + hs;
+        for (long l = 0; l < L; l++) {
+            const void *const *P = a->params + l * PER_LAYER;
+            /* ln_1 (each thread its own copy: no barrier), q|k|v: k and v straight into the cache */
+            layer_norm_rows(dtype, x, B, C, P[LN1_W], P[LN1_B], a->eps, ln);
+            for (long r = 3 * C * t / T; r < 3 * C * (t + 1) / T; r++) {
+                row_any(dtype, P[ATTN_W], r, ln, B, C, acc);
+                float bias = P[ATTN_B] ? in_f32(dtype, P[ATTN_B], r) : 0.0f;
+                if (r < C) {
+                    for (long n = 0; n < B; n++) q[n * C + r] = rnd(dtype, acc[n] + bias);
+                } else {
+                    long j = r - C, which = j / C, h = j % C / hs, d = j % hs;
+                    for (long n = 0; n < B; n++)
+                        store(dtype, a->kv, l * kv_l + which * kv_kv + n * kv_b + h * kv_h + past * kv_s + d, acc[n] + bias);
+                }
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (long bh = 0; bh < B * nh; bh++) {
+                long n = bh / nh, h = bh % nh, base = l * kv_l + n * kv_b + h * kv_h;
+                float sum = attend(dtype, q + n * C + h * hs, a->kv, base, kv_s, a->kv, base + kv_kv, kv_s,
+                                   a->mask ? a->mask + n * S : NULL, S, hs, a->scales[l], sc, o);
+                float inv = 1.0f / sum; /* sum == 0: every key masked, NaN, as torch's softmax gives */
+                for (long d = 0; d < hs; d++) att[n * C + h * hs + d] = sum == 0.0f ? NAN : rnd(dtype, o[d] * inv);
+            } /* (the loop's implicit barrier: the projection reads every head) */
+            for (long r = C * t / T; r < C * (t + 1) / T; r++) {
+                row_any(dtype, P[APROJ_W], r, att, B, C, acc);
+                float bias = P[APROJ_B] ? in_f32(dtype, P[APROJ_B], r) : 0.0f;
+                for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, acc[n] + bias));
+            }
+#pragma omp barrier
+            layer_norm_rows(dtype, x, B, C, P[LN2_W], P[LN2_B], a->eps, ln);
+            const long f0 = inner * t / T, f1 = inner * (t + 1) / T;
+            for (long r = f0; r < f1; r++) {
+                row_any(dtype, P[FC_W], r, ln, B, C, acc);
+                float bias = P[FC_B] ? in_f32(dtype, P[FC_B], r) : 0.0f;
+                for (long n = 0; n < B; n++) fc[n * inner + r] = rnd(dtype, acc[n] + bias);
+            }
+            for (long n = 0; n < B; n++) { /* GELU on this thread's own outputs: no barrier between */
+                float *f = fc + n * inner;
+                gelu_span(f + f0, f1 - f0);
+                if (dtype != F32)
+                    for (long r = f0; r < f1; r++) f[r] = rnd(dtype, f[r]);
+            }
+#pragma omp barrier
+            for (long r = C * t / T; r < C * (t + 1) / T; r++) {
+                row_any(dtype, P[MPROJ_W], r, fc, B, inner, acc);
+                float bias = P[MPROJ_B] ? in_f32(dtype, P[MPROJ_B], r) : 0.0f;
+                for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, acc[n] + bias));
+            }
+#pragma omp barrier
+        }
+        layer_norm_rows(dtype, x, B, C, a->lnf_w, a->lnf_b, a->eps, ln);
+        for (long r = V * t / T; r < V * (t + 1) / T; r++) {
+            row_any(dtype, a->unembed, r, ln, B, C, acc);
+            for (long n = 0; n < B; n++) a->logits[n * V + r] = rnd(dtype, acc[n]);
+        }
+    }
+    free(buf);
     return 0;
 }
