@@ -512,9 +512,9 @@ class Decoder:
 
             past = cache.length
             bias = attention_bias(mask, 1, past, ids.device)  # (B, 1, 1, S) bool or None
-            logits = step(ids, positions, None if bias is None else bias.view(ids.shape[0], past + 1), cache.kv, past)
+            out = step(ids, positions, None if bias is None else bias.view(ids.shape[0], past + 1), cache.kv, past)
             cache.advance(1)
-            return logits
+            return out if step.unembeds else self.logits(out)
         return self.logits(self.hidden(ids, positions, mask, cache, last_only))
 
     @contextlib.contextmanager
@@ -551,12 +551,13 @@ class Decoder:
 
 
 def native_step(model: GPT2, p: _Prepared, lib: native.Library | None) -> native.DecodeStep | None:
-    """The whole one-token step in C (native.DecodeStep) for a model whose step products all run
-    on the native kernel, with GPT-2's own GELU and one LayerNorm epsilon throughout; None
-    otherwise (then Decoder.hidden runs the step op by op)."""
+    """The whole one-token step in C (native.DecodeStep) for a model whose block products run on
+    the native kernel, with GPT-2's own GELU and one LayerNorm epsilon throughout (the
+    unembedding too where it is native; else the step ends with ln_f and the chosen kernel
+    unembeds); None otherwise (then Decoder.hidden runs the step op by op)."""
     from .model import NewGELUActivation
 
-    if lib is None or model.dtype not in lib.dtypes or p.block_kernel != "native" or p.unembed_kernel != "native":
+    if lib is None or model.dtype not in lib.dtypes or p.block_kernel != "native":
         return None
     t = model.transformer
     norms = [ln for b in t.h for ln in (b.ln_1, b.ln_2)] + [t.ln_f]
@@ -574,7 +575,7 @@ def native_step(model: GPT2, p: _Prepared, lib: native.Library | None) -> native
                                  layers=[tuple(None if x is None else x.detach() for x in layer) for layer in layers],
                                  scales=[b.attn.scale for b in t.h], eps=t.ln_f.eps,
                                  ln_f=(t.ln_f.weight.detach(), t.ln_f.bias.detach()),
-                                 unembed=p.unembed.weight)  # fmt: skip
+                                 unembed=p.unembed.weight if p.unembed_kernel == "native" else None)  # fmt: skip
     except ValueError:  # a layout it does not take (a non-contiguous embedding, say): op by op
         return None
 

@@ -68,6 +68,7 @@ class _StepArgs(ctypes.Structure):
         *[(f, ctypes.c_long) for f in ("kv_l", "kv_kv", "kv_b", "kv_h", "kv_s", "max_len", "past")],
         ("mask", ctypes.c_void_p),
         ("logits", ctypes.c_void_p),
+        ("hidden", ctypes.c_void_p),
     ]
 
 
@@ -323,7 +324,8 @@ class DecodeStep:
     ``minigpt2_decode_step``: token and position embeddings, per block ln_1, the q|k|v product
     (keys and values written straight into the cache), one token's attention over the cache,
     attn.c_proj added into the residual stream, ln_2, c_fc with the tanh GELU, mlp.c_proj
-    added, then ln_f and the tied unembedding; fp32 logits out.
+    added, then ln_f and the tied unembedding: fp32 logits out (or, without the unembedding,
+    ln_f's output, for an unembedding on another kernel).
 
     The same arithmetic as the model in its dtype, with the model's roundings (decode.c says
     which), products on this library's GEMV, all in one OpenMP parallel region of torch's team
@@ -345,13 +347,14 @@ class DecodeStep:
         scales: list[float],
         eps: float,
         ln_f: tuple[torch.Tensor, torch.Tensor],
-        unembed: torch.Tensor,
+        unembed: torch.Tensor | None,
     ) -> None:
         """wte (V, C) and wpe (n_positions, C); per block the 12 tensors (ln_1 weight, bias; c_attn
         (3C, C), its bias (3C); attn.c_proj (C, C), (C); ln_2 weight, bias; c_fc (inner, C),
         (inner); mlp.c_proj (C, inner), (C)), weights as [out, in], biases possibly None;
         each block's attention scale; the layer norms' one epsilon; ln_f's weight and bias;
-        the unembedding (V, C). All contiguous CPU tensors of one dtype this build serves.
+        the unembedding (V, C), or None (the step then ends with ln_f's output). All contiguous CPU
+        tensors of one dtype this build serves.
 
         Raises:
             ValueError: a tensor of another dtype, device, layout or shape.
@@ -360,7 +363,9 @@ class DecodeStep:
         V, C = wte.shape
         inner = layers[0][8].shape[0] if layers and layers[0][8] is not None else 0
         shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (inner, C), (inner,), (C, inner), (C,)]
-        tensors = [("wte", wte), ("wpe", wpe), ("ln_f.weight", ln_f[0]), ("ln_f.bias", ln_f[1]), ("unembed", unembed)]
+        tensors = [("wte", wte), ("wpe", wpe), ("ln_f.weight", ln_f[0]), ("ln_f.bias", ln_f[1])]
+        if unembed is not None:
+            tensors.append(("unembed", unembed))
         for i, layer in enumerate(layers):
             if len(layer) != len(shapes):
                 raise ValueError(f"native decode step: block {i} has {len(layer)} tensors, not {len(shapes)}")
@@ -371,10 +376,11 @@ class DecodeStep:
                     raise ValueError(f"native decode step: block {i} tensor {j} has shape "
                                      f"{None if t is None else tuple(t.shape)}, expected {shape}")  # fmt: skip
                 tensors.append((f"block {i} tensor {j}", t))
-        if wpe.dim() != 2 or wpe.shape[1] != C or tuple(unembed.shape) != (V, C) or ln_f[0].shape != (C,) \
+        if wpe.dim() != 2 or wpe.shape[1] != C or (unembed is not None and tuple(unembed.shape) != (V, C)) \
+                or ln_f[0].shape != (C,) \
                 or ln_f[1].shape != (C,) or inner == 0 or len(scales) != len(layers):  # fmt: skip
             raise ValueError(f"native decode step: shapes do not fit wte {tuple(wte.shape)}: wpe {tuple(wpe.shape)}, "
-                             f"unembed {tuple(unembed.shape)}, ln_f {tuple(ln_f[0].shape)}, {len(scales)} scales "
+                             f"unembed {None if unembed is None else tuple(unembed.shape)}, ln_f {tuple(ln_f[0].shape)}, {len(scales)} scales "
                              f"for {len(layers)} blocks")  # fmt: skip
         for name, t in tensors:
             if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
@@ -390,7 +396,9 @@ class DecodeStep:
         self._scales = (ctypes.c_float * len(scales))(*scales)
         a = self.args = _StepArgs()
         a.dtype, a.C, a.inner, a.n_layer, a.vocab, a.n_positions = DTYPES[dtype], C, inner, len(layers), V, wpe.shape[0]
-        a.wte, a.wpe, a.unembed = wte.data_ptr(), wpe.data_ptr(), unembed.data_ptr()
+        a.wte, a.wpe = wte.data_ptr(), wpe.data_ptr()
+        a.unembed = None if unembed is None else unembed.data_ptr()
+        self.unembeds = unembed is not None
         a.lnf_w, a.lnf_b = ln_f[0].data_ptr(), ln_f[1].data_ptr()
         a.params = ctypes.cast(self._params, ctypes.c_void_p)
         a.scales = ctypes.cast(self._scales, ctypes.c_void_p)
@@ -399,7 +407,8 @@ class DecodeStep:
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor,
                  past: int) -> torch.Tensor:  # fmt: skip
-        """fp32 logits (B, V) of one step: ids (B, 1) and positions (B or 1, 1) int64, mask None or
+        """fp32 logits (B, V) of one step (without the unembedding: ln_f's output (B, C) in the
+        step's dtype): ids (B, 1) and positions (B or 1, 1) int64, mask None or
         bool (B, past + 1) (True = may attend; every row needs a key it may attend), ``kv`` the
         cache buffer (n_layer, 2, B, n_head, max_len, head_dim) in this step's dtype with its
         last dimension contiguous, ``past`` the positions already in it. Writes this token's
@@ -427,17 +436,20 @@ class DecodeStep:
                              f"{tuple(mask.shape)} {mask.dtype}")  # fmt: skip
         ids, positions = ids.contiguous(), positions.contiguous()
         mask = None if mask is None else mask.contiguous()
-        logits = torch.empty(B, self.vocab)
+        out = torch.empty(B, self.vocab) if self.unembeds else torch.empty(B, self.args.C, dtype=self.dtype)
         a = self.args
         a.B, a.n_head = B, kv.shape[3]
         a.ids, a.positions, a.position_rows = ids.data_ptr(), positions.data_ptr(), positions.shape[0]
         a.kv, a.max_len, a.past = kv.data_ptr(), kv.shape[4], past
         a.kv_l, a.kv_kv, a.kv_b, a.kv_h, a.kv_s = kv.stride()[:5]
         a.mask = None if mask is None else mask.data_ptr()
-        a.logits = logits.data_ptr()
+        if self.unembeds:
+            a.logits = out.data_ptr()
+        else:
+            a.hidden = out.data_ptr()
         rc = self.lib.step_fn(self._ref)
         if rc == 0:
-            return logits
+            return out
         if rc == -4:
             raise ValueError(f"native decode step: a token id outside 0..{self.vocab - 1} or a position outside "
                              f"0..{a.n_positions - 1} (ids {ids.flatten().tolist()}, positions "

@@ -242,10 +242,12 @@ def test_native_attention_edges() -> None:
 
 @needs_native
 def test_half_precision_steps_use_the_native_attention(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 decode step computes its one token's attention natively (prompts keep SDPA), and
-    the logits equal those of the Python fp32 attention within bf16 rounding."""
+    """A bf16 decode step run op by op computes its one token's attention natively (prompts keep
+    SDPA), and the logits equal those of the Python fp32 attention within bf16 rounding. (Where
+    the block products are native the whole step runs in C instead: test_decode_step_*.)"""
     directory, _ = make_checkpoint(seed=32)
     model = GPT2.from_pretrained(directory, dtype=torch.bfloat16)
+    monkeypatch.setattr(fast, "native_step", lambda *a: None)
     calls: list[int] = []
     real = native.one_token_attention
     monkeypatch.setattr(native, "one_token_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
@@ -431,13 +433,14 @@ def _half_ulps(dtype: torch.dtype) -> float:
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", ["one row", "padded rows", "odd head size"])
+@pytest.mark.parametrize("case", ["one row", "padded rows", "odd head size", "unembedding on plain"])
 def test_decode_step_is_the_op_by_op_step(make_checkpoint, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                           threads: int, case: str) -> None:  # fmt: skip
     """Whole steps in C give the op-by-op step's logits and cache contents: in half precision
     the same roundings at the same places (equal but for a rare last-bit difference of a layer
     norm), in fp32 within fp32 rounding; with padded rows (a mask), a head size that is not a
-    multiple of the vectors (12) and per-layer attention scales, on one thread and on two."""
+    multiple of the vectors (12) and per-layer attention scales, with the unembedding on another
+    kernel (the step then ends with ln_f), on one thread and on two."""
     if dtype not in LIB.dtypes:
         pytest.skip(f"this build does not serve {dtype} (no F16C)")
     config = dict(n_embd=48, n_head=4, n_layer=3, scale_attn_by_inverse_layer_idx=True) if case == "odd head size" else {}
@@ -458,7 +461,12 @@ def test_decode_step_is_the_op_by_op_step(make_checkpoint, monkeypatch: pytest.M
     try:
         with kernels.force("native"), torch.inference_mode():
             dec = fast.decoder(model, B)
+            if case == "unembedding on plain":
+                p = fast.prepare(model, B)
+                p.unembed, p.unembed_kernel = kernels.PreparedLinear("plain", model.lm_head.weight, None, B), "plain"
+                dec = fast.Decoder(model, p)
             assert dec is not None and dec.step is not None
+            assert dec.step.unembeds == (case != "unembedding on plain")
             caches = [model.make_cache(B, T + 6), model.make_cache(B, T + 6)]
             positions = torch.arange(T)[None] if mask is None else (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
             for c in caches:
@@ -526,7 +534,7 @@ def test_decode_step_refuses_what_it_cannot_read(make_checkpoint) -> None:
             step(one.int(), torch.tensor([[0]]), None, cache.kv, 0)
         assert cache.length == 0
         calls = []
-        dec.step = type("Spy", (), {"dtype": torch.float32, "__call__": lambda self, *a: calls.append(a)})()
+        dec.step = type("Spy", (), {"dtype": torch.float32, "unembeds": True, "__call__": lambda self, *a: calls.append(a)})()
         dec(one, torch.tensor([[0]]), None, model.make_cache(1, 4))
         assert len(calls) == 1
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -405,13 +405,14 @@ typedef struct {
     const float *scales;       /* (n_layer): the attention's scale per layer */
     float eps;                 /* every LayerNorm's epsilon */
     const void *lnf_w, *lnf_b; /* (C) */
-    const void *unembed;       /* (vocab, C) */
+    const void *unembed;       /* (vocab, C), or NULL: ln_f's output goes to hidden instead of logits */
     void *kv;                  /* the cache: (layer l, k|v i, row b, head h, position s, d) at
                                 * l kv_l + i kv_kv + b kv_b + h kv_h + s kv_s + d */
     long kv_l, kv_kv, kv_b, kv_h, kv_s, max_len;
     long past;                 /* positions already cached: this token's keys and values go to position past */
     const uint8_t *mask;       /* NULL, or (B, past + 1) bytes: nonzero = may attend */
-    float *logits;             /* (B, vocab), written */
+    float *logits;             /* (B, vocab), written (with unembed) */
+    void *hidden;              /* (B, C) of dtype, written (without unembed) */
 } step_args;
 
 static inline float rnd(int dtype, float v) {
@@ -542,9 +543,13 @@ int minigpt2_decode_step(const step_args *a) {
 #pragma omp barrier
         }
         layer_norm_rows(dtype, x, B, C, a->lnf_w, a->lnf_b, a->eps, ln);
-        for (long r = V * t / T; r < V * (t + 1) / T; r++) {
-            row_any(dtype, a->unembed, r, ln, B, C, acc);
-            for (long n = 0; n < B; n++) a->logits[n * V + r] = rnd(dtype, acc[n]);
+        if (a->unembed) {
+            for (long r = V * t / T; r < V * (t + 1) / T; r++) {
+                row_any(dtype, a->unembed, r, ln, B, C, acc);
+                for (long n = 0; n < B; n++) a->logits[n * V + r] = rnd(dtype, acc[n]);
+            }
+        } else if (t == 0) { /* the unembedding runs on another kernel (native.py): ln_f's output, rounded already */
+            for (long i = 0; i < B * C; i++) store(dtype, a->hidden, i, ln[i]);
         }
     }
     free(buf);
