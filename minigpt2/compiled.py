@@ -160,6 +160,7 @@ class CompiledDecoder(fast.Decoder):
 
     def __init__(self, model: GPT2, p: Any, hooks: Any = None) -> None:
         super().__init__(model, p, hooks)
+        self.native_step = None  # one-token steps are the compiled graph's (prompts run op by op)
         step = _steps.get(model)
         if step is None:
             step = _steps[model] = CompiledStep(self)

@@ -400,8 +400,8 @@ class Decoder:
             self.layers.append((ln_1, sdpa, step[0].mm, step[1].mm, ln_2, step[2].mm, act, step[3].mm))
             self.layers_rows.append((ln_1, sdpa, rows[0], rows[1], ln_2, c_fc_rows, act_rows, rows[3]))
         self.unembed = p.unembed.mm
-        # Every step matrix on the native kernel: one-token steps run whole in C (native_step)
-        self.step = native_step(model, p, lib)
+        # Every step matrix on the native kernel: one-token steps run whole in C
+        self.native_step = build_native_step(model, p, lib)
         # What ready() looks at before every step, gathered once: the hooks, and the weights
         # the prepared copies were made from (their version counters and addresses).
         # The decode steps' thread count: one for torch when numpy's BLAS does the products,
@@ -505,7 +505,7 @@ class Decoder:
     ) -> torch.Tensor:
         """The logits, by the whole native step where it applies (one new token per row, a cache
         of the model's dtype, no autocast), else by hidden() and logits()."""
-        step = self.step
+        step = self.native_step
         if (step is not None and last_only and cache is not None and ids.shape[1] == 1 and ids.shape[0] <= kernels.ROWS
                 and cache.kv.dtype == step.dtype and not cache.static and not torch.is_autocast_enabled("cpu")):  # fmt: skip
             from .model import attention_bias
@@ -550,7 +550,7 @@ class Decoder:
             return time.perf_counter() - t
 
 
-def native_step(model: GPT2, p: _Prepared, lib: native.Library | None) -> native.DecodeStep | None:
+def build_native_step(model: GPT2, p: _Prepared, lib: native.Library | None) -> native.DecodeStep | None:
     """The whole one-token step in C (native.DecodeStep) for a model whose block products run on
     the native kernel, with GPT-2's own GELU and one LayerNorm epsilon throughout (the
     unembedding too where it is native; else the step ends with ln_f and the chosen kernel

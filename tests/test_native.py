@@ -247,7 +247,7 @@ def test_half_precision_steps_use_the_native_attention(make_checkpoint, monkeypa
     the block products are native the whole step runs in C instead: test_decode_step_*.)"""
     directory, _ = make_checkpoint(seed=32)
     model = GPT2.from_pretrained(directory, dtype=torch.bfloat16)
-    monkeypatch.setattr(fast, "native_step", lambda *a: None)
+    monkeypatch.setattr(fast, "build_native_step", lambda *a: None)
     calls: list[int] = []
     real = native.one_token_attention
     monkeypatch.setattr(native, "one_token_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
@@ -465,8 +465,8 @@ def test_decode_step_is_the_op_by_op_step(make_checkpoint, monkeypatch: pytest.M
                 p = fast.prepare(model, B)
                 p.unembed, p.unembed_kernel = kernels.PreparedLinear("plain", model.lm_head.weight, None, B), "plain"
                 dec = fast.Decoder(model, p)
-            assert dec is not None and dec.step is not None
-            assert dec.step.unembeds == (case != "unembedding on plain")
+            assert dec is not None and dec.native_step is not None
+            assert dec.native_step.unembeds == (case != "unembedding on plain")
             caches = [model.make_cache(B, T + 6), model.make_cache(B, T + 6)]
             positions = torch.arange(T)[None] if mask is None else (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
             for c in caches:
@@ -496,7 +496,7 @@ def test_decode_step_generates_transformers_tokens(make_checkpoint) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
     with kernels.force("native"):
         with torch.inference_mode():
-            assert fast.decoder(model, 1).step is not None
+            assert fast.decoder(model, 1).native_step is not None
         for sample in (False, True):
             torch.manual_seed(5)
             ours = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=sample, top_k=0)
@@ -515,7 +515,7 @@ def test_decode_step_refuses_what_it_cannot_read(make_checkpoint) -> None:
     c = model.config
     with kernels.force("native"), torch.inference_mode():
         dec = fast.decoder(model, 1)
-        step = dec.step
+        step = dec.native_step
         cache = model.make_cache(1, 4)
         one = torch.tensor([[1]])
         with pytest.raises(ValueError, match="token id"):
@@ -534,7 +534,7 @@ def test_decode_step_refuses_what_it_cannot_read(make_checkpoint) -> None:
             step(one.int(), torch.tensor([[0]]), None, cache.kv, 0)
         assert cache.length == 0
         calls = []
-        dec.step = type("Spy", (), {"dtype": torch.float32, "unembeds": True, "__call__": lambda self, *a: calls.append(a)})()
+        dec.native_step = type("Spy", (), {"dtype": torch.float32, "unembeds": True, "__call__": lambda self, *a: calls.append(a)})()
         dec(one, torch.tensor([[0]]), None, model.make_cache(1, 4))
         assert len(calls) == 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -549,11 +549,11 @@ def test_decode_step_only_where_every_step_product_is_native(make_checkpoint) ->
     model = _step_model(make_checkpoint, torch.float32)
     with torch.inference_mode():
         with kernels.force("plain"):
-            assert fast.decoder(model, 1).step is None
+            assert fast.decoder(model, 1).native_step is None
         with kernels.force("native"):
-            assert fast.decoder(model, 1).step is not None
+            assert fast.decoder(model, 1).native_step is not None
             relu = _step_model(make_checkpoint, torch.float32, activation_function="relu")
-            assert fast.decoder(relu, 1).step is None
+            assert fast.decoder(relu, 1).native_step is None
             model.transformer.h[0].ln_2.eps = 1e-6
             fast.release(model)
-            assert fast.decoder(model, 1).step is None
+            assert fast.decoder(model, 1).native_step is None
