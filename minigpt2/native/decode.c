@@ -107,8 +107,16 @@ static inline float vsum(vec a) { return a; }
 /* One row of W against the N rows of x (fp32, [N, in]): acc[n] = sum_i w[i] x[n, i].
  * U independent accumulators, U vectors of the row per iteration: one sequential stream per
  * thread through the weights (measured here, 49 GPT-2 matrices: 46-49 GB/s, against 39-41
- * for R rows read side by side, R streams; 42 for a layout packed so R rows interleave). */
+ * for R rows read side by side, R streams; 42 for a layout packed so R rows interleave).
+ * The first pass over the row (n == 0) also asks for the weights PREFETCH bytes ahead, as
+ * non-temporal (prefetchnta: __builtin_prefetch's locality 0): a whole decode step of GPT-2
+ * 124M on the AMD EPYC host here, same-process A/B in random order, fp32 64.5 -> 82.9 tok/s
+ * and bf16 ~132 -> 157 (T0 prefetches at the same distance gained about half of that, 4096
+ * bytes ahead less). Builds without vectors (W == 1) move less than a line per iteration
+ * and do not prefetch. */
 #define U 8
+#define PREFETCH 2048
+#define LINES(WT) (W > 1 ? (int)(U * W * sizeof(WT) / 64) : 0)
 #define DEFINE_ROW(NAME, WT, VLOAD, SLOAD)                                                       \
     static void NAME(const WT *w, const float *x, long N, long in, float *acc) {                 \
         for (long n = 0; n < N; n++) {                                                           \
@@ -116,8 +124,12 @@ static inline float vsum(vec a) { return a; }
             vec a[U];                                                                            \
             for (int u = 0; u < U; u++) a[u] = vzero();                                          \
             long i = 0;                                                                          \
-            for (; i + U * W <= in; i += U * W)                                                  \
+            for (; i + U * W <= in; i += U * W) {                                                \
+                if (n == 0)                                                                      \
+                    for (int k = 0; k < LINES(WT); k++)                                          \
+                        __builtin_prefetch((const char *)(w + i) + PREFETCH + 64 * k, 0, 0);     \
                 for (int u = 0; u < U; u++) a[u] = vfma(VLOAD(w + i + u * W), vload(xn + i + u * W), a[u]); \
+            }                                                                                    \
             for (; i + W <= in; i += W) a[0] = vfma(VLOAD(w + i), vload(xn + i), a[0]);          \
             for (int u = 1; u < U; u++) a[0] = vadd(a[0], a[u]);                                 \
             float s = vsum(a[0]);                                                                \
