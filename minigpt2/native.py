@@ -1,4 +1,5 @@
-"""minigpt2's own matrix-vector kernel (native/decode.c), built for this host on first use.
+"""minigpt2's own matrix-vector kernel (native/decode.c), built for this host on first use,
+and GPT-2's whole one-token decode step on it (:class:`DecodeStep`).
 
 The ``native`` kernel of kernels.py: ``y = x W^T + b`` for the few rows of a decode step,
 streaming the weights with the host's widest vectors (AVX-512, AVX2 + FMA, or plain C) and
@@ -14,6 +15,11 @@ AMD EPYC hosts here (docs/performance.md):
 - it runs in torch's thread pool, not a second one: OpenBLAS's threads spin for ~0.1 s after
   each call and slow whatever torch runs next (a bf16 prefill right after an fp32 generate
   ran 15-20 % slower).
+
+Where every block matrix of a decode step is on this kernel, fast.Decoder runs the whole
+one-token step as one C call (:class:`DecodeStep`): embeddings, the 12 blocks' layer norms,
+products, cache writes, attention, GELU and residual additions, ln_f and (where it is native
+too) the unembedding, in one OpenMP parallel region with the model's roundings.
 
 Building needs a C compiler (``$CC``, else ``cc``) with OpenMP; the library is compiled
 once per host, compiler and source (``-O3 -march=native -fopenmp``, under a second) into

@@ -1,4 +1,5 @@
-/* minigpt2's native matrix-vector kernel: y = x W^T + b for a few rows of x.
+/* minigpt2's native matrix-vector kernel: y = x W^T + b for a few rows of x, and with it
+ * GPT-2's whole one-token decode step (minigpt2_decode_step, at the end of this file).
  *
  * Decoding one token at batch 1 streams every weight matrix once, so it runs at the speed
  * of the memory, not of the arithmetic (kernels.py). This kernel reads W, stored [out, in]
