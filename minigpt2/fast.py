@@ -33,7 +33,7 @@ Where every block matrix runs on the native kernel, a one-token step (batch up t
 kernels.ROWS rows) does not go op by op at all: :func:`build_native_step` hands it to
 native.DecodeStep, the same computation in one C call and one OpenMP parallel region (the
 ~200 small torch ops of a step cost ~1 ms of a 5.5 ms bf16 token of GPT-2 124M here). In half
-precision it rounds where the ops above round (bit-equal to them in the tests here); in fp32 it
+precision it rounds where the ops above round (equal to them in the checks here); in fp32 it
 is within fp32 rounding of them (its own layer-norm sums and GELU evaluation), and greedy tokens
 stay transformers' (tested). Under autocast, and with a cache of another dtype, steps go op by op.
 
@@ -408,7 +408,7 @@ class Decoder:
             self.layers.append((ln_1, sdpa, step[0].mm, step[1].mm, ln_2, step[2].mm, act, step[3].mm))
             self.layers_rows.append((ln_1, sdpa, rows[0], rows[1], ln_2, c_fc_rows, act_rows, rows[3]))
         self.unembed = p.unembed.mm
-        # Every step matrix on the native kernel: one-token steps run whole in C
+        # The block matrices on the native kernel: one-token steps run whole in C
         self.native_step = build_native_step(model, p, lib)
         # What ready() looks at before every step, gathered once: the hooks, and the weights
         # the prepared copies were made from (their version counters and addresses).
