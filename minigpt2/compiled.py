@@ -172,6 +172,7 @@ class CompiledDecoder(fast.Decoder):
         p = self.p
         ok = super().ready()  # may rebuild the prepared kernels
         if ok and self.p is not p:
+            self.native_step = None  # (the rebuild brought a plain Decoder's)
             self.step.bind(self)
         return ok
 

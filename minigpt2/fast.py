@@ -512,7 +512,8 @@ class Decoder:
         last_only: bool,
     ) -> torch.Tensor:
         """The logits, by the whole native step where it applies (one new token per row, a cache
-        of the model's dtype, no autocast), else by hidden() and logits()."""
+        of the model's dtype, no autocast), else by hidden() and logits(). A cache whose rows
+        write at different positions (the server's slots) says where: ``write_positions``."""
         step = self.native_step
         if (step is not None and last_only and cache is not None and ids.shape[1] == 1 and ids.shape[0] <= kernels.ROWS
                 and cache.kv.dtype == step.dtype and not cache.static and not torch.is_autocast_enabled("cpu")):  # fmt: skip
@@ -520,7 +521,8 @@ class Decoder:
 
             past = cache.length
             bias = attention_bias(mask, 1, past, ids.device)  # (B, 1, 1, S) bool or None
-            out = step(ids, positions, None if bias is None else bias.view(ids.shape[0], past + 1), cache.kv, past)
+            out = step(ids, positions, None if bias is None else bias.view(ids.shape[0], past + 1), cache.kv, past,
+                       getattr(cache, "write_positions", None))  # fmt: skip
             cache.advance(1)
             return out if step.unembeds else self.logits(out)
         return self.logits(self.hidden(ids, positions, mask, cache, last_only))
@@ -579,7 +581,7 @@ def build_native_step(model: GPT2, p: _Prepared, lib: native.Library | None) -> 
         layers.append((b.ln_1.weight, b.ln_1.bias, w[0].weight, w[0].bias, w[1].weight, w[1].bias,
                        b.ln_2.weight, b.ln_2.bias, w[2].weight, w[2].bias, w[3].weight, w[3].bias))  # fmt: skip
     try:
-        return native.DecodeStep(lib, wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(),
+        return native.DecodeStep(lib, wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach(), n_head=model.config.n_head,
                                  layers=[tuple(None if x is None else x.detach() for x in layer) for layer in layers],
                                  scales=[b.attn.scale for b in t.h], eps=t.ln_f.eps,
                                  ln_f=(t.ln_f.weight.detach(), t.ln_f.bias.detach()),

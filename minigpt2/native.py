@@ -72,6 +72,7 @@ class _StepArgs(ctypes.Structure):
         ("unembed", ctypes.c_void_p),
         ("kv", ctypes.c_void_p),
         *[(f, ctypes.c_long) for f in ("kv_l", "kv_kv", "kv_b", "kv_h", "kv_s", "max_len", "past")],
+        ("write_pos", ctypes.c_void_p),
         ("mask", ctypes.c_void_p),
         ("logits", ctypes.c_void_p),
         ("hidden", ctypes.c_void_p),
@@ -349,13 +350,14 @@ class DecodeStep:
         *,
         wte: torch.Tensor,
         wpe: torch.Tensor,
+        n_head: int,
         layers: list[tuple[torch.Tensor | None, ...]],
         scales: list[float],
         eps: float,
         ln_f: tuple[torch.Tensor, torch.Tensor],
         unembed: torch.Tensor | None,
     ) -> None:
-        """wte (V, C) and wpe (n_positions, C); per block the 12 tensors (ln_1 weight, bias; c_attn
+        """wte (V, C) and wpe (n_positions, C); the attention's n_head; per block the 12 tensors (ln_1 weight, bias; c_attn
         (3C, C), its bias (3C); attn.c_proj (C, C), (C); ln_2 weight, bias; c_fc (inner, C),
         (inner); mlp.c_proj (C, inner), (C)), weights as [out, in], biases possibly None;
         each block's attention scale; the layer norms' one epsilon; ln_f's weight and bias;
@@ -384,10 +386,11 @@ class DecodeStep:
                 tensors.append((f"block {i} tensor {j}", t))
         if wpe.dim() != 2 or wpe.shape[1] != C or (unembed is not None and tuple(unembed.shape) != (V, C)) \
                 or ln_f[0].shape != (C,) \
-                or ln_f[1].shape != (C,) or inner == 0 or len(scales) != len(layers):  # fmt: skip
+                or ln_f[1].shape != (C,) or inner == 0 or len(scales) != len(layers) \
+                or n_head <= 0 or C % n_head:  # fmt: skip
             raise ValueError(f"native decode step: shapes do not fit wte {tuple(wte.shape)}: wpe {tuple(wpe.shape)}, "
                              f"unembed {None if unembed is None else tuple(unembed.shape)}, ln_f {tuple(ln_f[0].shape)}, {len(scales)} scales "
-                             f"for {len(layers)} blocks")  # fmt: skip
+                             f"for {len(layers)} blocks, n_head={n_head}")  # fmt: skip
         for name, t in tensors:
             if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
                 raise ValueError(f"native decode step: {name} is {t.dtype} on {t.device}"
@@ -395,7 +398,7 @@ class DecodeStep:
                                  f"contiguous CPU tensor of {dtype}")  # fmt: skip
         if dtype not in lib.dtypes:
             raise ValueError(f"this build of the native kernel does not serve {dtype}")
-        self.lib, self.dtype, self.vocab, self.n_layer = lib, dtype, V, len(layers)
+        self.lib, self.dtype, self.vocab, self.n_layer, self.n_head = lib, dtype, V, len(layers), n_head
         self._keep = [t for _, t in tensors]  # the C side only sees addresses
         ptrs = [None if t is None else t.data_ptr() for layer in layers for t in layer]
         self._params = (ctypes.c_void_p * len(ptrs))(*ptrs)
@@ -412,36 +415,49 @@ class DecodeStep:
         self._ref = ctypes.byref(a)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, kv: torch.Tensor,
-                 past: int) -> torch.Tensor:  # fmt: skip
+                 past: int, write_positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """fp32 logits (B, V) of one step (without the unembedding: ln_f's output (B, C) in the
-        step's dtype): ids (B, 1) and positions (B or 1, 1) int64, mask None or
-        bool (B, past + 1) (True = may attend; every row needs a key it may attend), ``kv`` the
-        cache buffer (n_layer, 2, B, n_head, max_len, head_dim) in this step's dtype with its
-        last dimension contiguous, ``past`` the positions already in it. Writes this token's
-        keys and values at position ``past`` (the caller advances its length).
+        step's dtype): ids (B, 1) and positions (B or 1, 1) int64, mask None or bool (B, past + 1)
+        (True = may attend; every row needs a key it may attend), ``kv`` the cache buffer
+        (n_layer, 2, B, n_head, max_len, head_dim) in this step's dtype with its last dimension
+        contiguous, ``past`` the positions already in it. Writes this token's keys and values at
+        position ``past``, or row b's at ``write_positions[b]`` (int64 (B,), each in 0..past: rows
+        at different lengths, whose mask hides the positions each must not see); the caller
+        advances its length. All on the CPU.
 
         Raises:
-            ValueError: inputs of another shape, dtype or layout, a full cache, a token id or
-                position outside the embeddings.
+            ValueError: inputs of another type, shape, dtype, device or layout, a full cache, a
+                token id or position outside the embeddings, a write position outside 0..past.
         """
+        tensors = {"ids": ids, "positions": positions, "kv": kv, "mask": mask, "write_positions": write_positions}
+        for name, t in tensors.items():
+            if t is None and name in ("mask", "write_positions"):
+                continue
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                raise ValueError(f"native decode step: {name} must be a CPU tensor, got "
+                                 f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")  # fmt: skip
+        if not isinstance(past, int) or isinstance(past, bool) or not 0 <= past < 2**62:
+            raise ValueError(f"native decode step: past must be a non-negative int, got {past!r}")
         B = ids.shape[0]
         if (ids.dtype != torch.int64 or positions.dtype != torch.int64 or ids.shape != (B, 1)
                 or positions.shape not in ((1, 1), (B, 1))):  # fmt: skip
             raise ValueError(f"native decode step: ids (B, 1) and positions (B or 1, 1) must be int64, got "
                              f"{tuple(ids.shape)} {ids.dtype}, {tuple(positions.shape)} {positions.dtype}")  # fmt: skip
-        if kv.dtype != self.dtype or kv.dim() != 6 or kv.shape[0] != self.n_layer or kv.shape[2] != B \
-                or kv.stride(-1) != 1 or kv.device.type != "cpu":  # fmt: skip
-            raise ValueError(f"native decode step: the cache must be ({self.n_layer}, 2, {B}, n_head, max_len, "
-                             f"head_dim) {self.dtype} on the CPU, got {tuple(kv.shape)} {kv.dtype} on {kv.device}")  # fmt: skip
-        if kv.shape[3] * kv.shape[5] != self.args.C:
-            raise ValueError(f"native decode step: the cache's {kv.shape[3]} heads of {kv.shape[5]} do not make "
-                             f"n_embd={self.args.C}")  # fmt: skip
+        C, nh = self.args.C, self.n_head
+        if (kv.dtype != self.dtype or kv.shape != (self.n_layer, 2, B, nh, kv.shape[4], C // nh)
+                or kv.stride(-1) != 1):  # fmt: skip
+            raise ValueError(f"native decode step: the cache must be ({self.n_layer}, 2, {B}, {nh}, max_len, {C // nh}) "
+                             f"{self.dtype} with its last dimension contiguous, got {tuple(kv.shape)} {kv.dtype}")  # fmt: skip
         S = past + 1
         if mask is not None and (mask.dtype != torch.bool or mask.shape != (B, S)):
             raise ValueError(f"native decode step: the mask must be bool ({B}, {S}), got "
                              f"{tuple(mask.shape)} {mask.dtype}")  # fmt: skip
+        if write_positions is not None and (write_positions.dtype != torch.int64 or write_positions.shape != (B,)):
+            raise ValueError(f"native decode step: write_positions must be int64 ({B},), got "
+                             f"{tuple(write_positions.shape)} {write_positions.dtype}")  # fmt: skip
         ids, positions = ids.contiguous(), positions.contiguous()
         mask = None if mask is None else mask.contiguous()
+        write_positions = None if write_positions is None else write_positions.contiguous()
         out = torch.empty(B, self.vocab) if self.unembeds else torch.empty(B, self.args.C, dtype=self.dtype)
         a = self.args
         a.B, a.n_head = B, kv.shape[3]
@@ -449,6 +465,7 @@ class DecodeStep:
         a.kv, a.max_len, a.past = kv.data_ptr(), kv.shape[4], past
         a.kv_l, a.kv_kv, a.kv_b, a.kv_h, a.kv_s = kv.stride()[:5]
         a.mask = None if mask is None else mask.data_ptr()
+        a.write_pos = None if write_positions is None else write_positions.data_ptr()
         if self.unembeds:
             a.logits = out.data_ptr()
         else:
@@ -462,7 +479,8 @@ class DecodeStep:
                              f"{positions.flatten().tolist()})")  # fmt: skip
         if rc == -3:
             raise ValueError(f"native decode step: sizes it does not take (batch {B}, past {past}, cache of "
-                             f"{kv.shape[4]} positions, {kv.shape[3]} heads)")  # fmt: skip
+                             f"{kv.shape[4]} positions, write positions "
+                             f"{None if write_positions is None else write_positions.tolist()})")  # fmt: skip
         if rc == -2:
             raise MemoryError("the native decode step could not allocate its buffers")
         raise ValueError(f"this build of the native kernel does not serve {self.dtype}")

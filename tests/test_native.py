@@ -532,6 +532,22 @@ def test_decode_step_refuses_what_it_cannot_read(make_checkpoint) -> None:
             step(one, torch.tensor([[0]]), torch.ones(1, 3, dtype=torch.bool), cache.kv, 0)
         with pytest.raises(ValueError, match="int64"):
             step(one.int(), torch.tensor([[0]]), None, cache.kv, 0)
+        with pytest.raises(ValueError, match="the cache must be"):  # one k|v slot: C would write past it
+            step(one, torch.tensor([[0]]), None, cache.kv[:, :1].contiguous(), 0)
+        split = cache.kv.view(c.n_layer, 2, 1, c.n_head // 2, 4, c.head_dim * 2)
+        with pytest.raises(ValueError, match="the cache must be"):  # the same bytes as other heads
+            step(one, torch.tensor([[0]]), None, split, 0)
+        with pytest.raises(ValueError, match="ids must be a CPU tensor"):
+            step(one.to("meta"), torch.tensor([[0]]), None, cache.kv, 0)
+        with pytest.raises(ValueError, match="ids must be a CPU tensor, got list"):
+            step([[1]], torch.tensor([[0]]), None, cache.kv, 0)
+        for past in (1.5, -1, 2**64, True):
+            with pytest.raises(ValueError, match="past must be"):
+                step(one, torch.tensor([[0]]), None, cache.kv, past)
+        with pytest.raises(ValueError, match="write positions"):
+            step(one, torch.tensor([[1]]), None, cache.kv, 1, torch.tensor([2]))
+        with pytest.raises(ValueError, match="write_positions must be"):
+            step(one, torch.tensor([[1]]), None, cache.kv, 1, torch.tensor([0, 1]))
         assert cache.length == 0
         calls = []
         dec.native_step = type("Spy", (), {"dtype": torch.float32, "unembeds": True, "__call__": lambda self, *a: calls.append(a)})()
@@ -557,3 +573,30 @@ def test_decode_step_only_where_every_step_product_is_native(make_checkpoint) ->
             model.transformer.h[0].ln_2.eps = 1e-6
             fast.release(model)
             assert fast.decoder(model, 1).native_step is None
+
+
+@needs_native
+def test_decode_step_with_the_servers_rows_at_different_positions(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's slot cache: rows at different lengths in one step, each writing its keys and
+    values at its own position, give each row's own logits through the whole C step."""
+    from minigpt2.serve.model_runner import ModelRunner
+
+    model = _step_model(make_checkpoint, torch.float32)
+    calls = []
+    real = native.DecodeStep.__call__
+    monkeypatch.setattr(native.DecodeStep, "__call__", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
+    tokens = [100, 200, 300, 400]
+    with kernels.force("native"):
+        runner = ModelRunner(model, 4)
+        for slot, p in enumerate(prompts):
+            runner.prefill(slot, p)
+        batched = runner.decode(tokens, [len(p) for p in prompts])
+        again = runner.decode([1, 2, 3, 4], [len(p) + 1 for p in prompts])  # the keys written above are read
+    rows = [c.tolist() for c in calls if c is not None]  # (the one-token prompt's prefill is a step too)
+    assert rows == [[3, 6, 1, 4], [4, 7, 2, 5]]  # the write positions reached the step
+    with torch.inference_mode():
+        for b, p in enumerate(prompts):
+            alone = model(torch.tensor([p + [tokens[b], b + 1]]))[0]
+            for got, want in ((batched[b], alone[-2]), (again[b], alone[-1])):
+                assert torch.allclose(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))

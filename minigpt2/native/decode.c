@@ -423,6 +423,8 @@ typedef struct {
                                 * l kv_l + i kv_kv + b kv_b + h kv_h + s kv_s + d */
     long kv_l, kv_kv, kv_b, kv_h, kv_s, max_len;
     long past;                 /* positions already cached: this token's keys and values go to position past */
+    const int64_t *write_pos;  /* NULL, or (B): row n's keys and values go to position write_pos[n] <= past instead
+                                * (a server's rows at different lengths; the mask hides what each row must not see) */
     const uint8_t *mask;       /* NULL, or (B, past + 1) bytes: nonzero = may attend */
     float *logits;             /* (B, vocab), written (with unembed) */
     void *hidden;              /* (B, C) of dtype, written (without unembed) */
@@ -477,8 +479,8 @@ static void layer_norm_rows(int dtype, const float *x, long N, long C, const voi
 }
 
 /* Returns 0; -1 for a dtype this build does not serve, -2 when out of memory, -3 for sizes it
- * does not take (B outside 1..64, C not n_head x head size, the cache full), -4 for a token id
- * or position outside the embeddings. */
+ * does not take (B outside 1..64, C not n_head x head size, the cache full, a write position
+ * outside 0..past), -4 for a token id or position outside the embeddings. */
 int minigpt2_decode_step(const step_args *a) {
     int dtype = a->dtype;
     if (dtype < 0 || dtype > F16 || !((minigpt2_dtypes() >> dtype) & 1)) return -1;
@@ -488,6 +490,7 @@ int minigpt2_decode_step(const step_args *a) {
     for (long n = 0; n < B; n++) {
         int64_t id = a->ids[n], p = a->positions[a->position_rows == 1 ? 0 : n];
         if (id < 0 || id >= V || p < 0 || p >= a->n_positions) return -4;
+        if (a->write_pos && (a->write_pos[n] < 0 || a->write_pos[n] > past)) return -3;
     }
     int nt = omp_get_max_threads();
     size_t shared = (size_t)B * (3 * C + inner);          /* x (the residual stream), q, attention out, MLP activation */
@@ -515,8 +518,10 @@ int minigpt2_decode_step(const step_args *a) {
                     for (long n = 0; n < B; n++) q[n * C + r] = rnd(dtype, acc[n] + bias);
                 } else {
                     long j = r - C, which = j / C, h = j % C / hs, d = j % hs;
-                    for (long n = 0; n < B; n++)
-                        store(dtype, a->kv, l * kv_l + which * kv_kv + n * kv_b + h * kv_h + past * kv_s + d, acc[n] + bias);
+                    for (long n = 0; n < B; n++) {
+                        long at = a->write_pos ? (long)a->write_pos[n] : past;
+                        store(dtype, a->kv, l * kv_l + which * kv_kv + n * kv_b + h * kv_h + at * kv_s + d, acc[n] + bias);
+                    }
                 }
             }
 #pragma omp barrier

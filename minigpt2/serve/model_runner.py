@@ -51,10 +51,13 @@ class SlotCache(KVCache):
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.length = max(positions)
         self.equal = min(positions) == self.length  # one write position for every row
+        #: Where each row writes ([n] int64), for the fast path's whole native step; None when
+        #: every row writes at ``length``.
+        self.write_positions: torch.Tensor | None = None
         if not self.equal:
             device = memory.kv.device
             self._row_ids = torch.arange(n, device=device)
-            self._positions = torch.tensor(positions, device=device)
+            self._positions = self.write_positions = torch.tensor(positions, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (n, nh, T, hs) at each row's position; return keys/values 0..length + T."""
