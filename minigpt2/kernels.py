@@ -598,6 +598,11 @@ def _decided(key: str, candidates: Sequence[str], sample: Callable[[], Sample]) 
         return _decisions[key]
     cached = _read_cache().get(key) or {}
     samples = [s for s in cached.get("samples", []) if isinstance(s, dict) and "seconds_per_pass" in s]
+    # Samples that did not time every candidate available now (measured where the native kernel
+    # could not be built, say, or with MINIGPT2_NATIVE=0) decide nothing here: start over.
+    fresh = [s for s in samples if set(candidates) <= set(s["seconds_per_pass"])]
+    if len(fresh) < len(samples):
+        samples, cached = fresh, {}
     if cached.get("settled") and cached.get("kernel") in candidates:
         best = cached["kernel"]
     else:

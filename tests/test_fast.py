@@ -568,6 +568,21 @@ def test_a_quiet_clear_sample_settles_at_once(pair, monkeypatch: pytest.MonkeyPa
     assert len(calls) == 1
 
 
+def test_a_kernel_that_becomes_available_is_measured(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decision settled where a candidate could not run (the native kernel without a C
+    compiler, or with MINIGPT2_NATIVE=0) is measured again once it can: a new user's bf16 model
+    otherwise stayed on mkldnn at ~124 tok/s against ~165 on native."""
+    model, _ = pair
+    calls = _fake_samples(monkeypatch, [({"plain": 2.0, "transposed": 1.5, "mkldnn": 1.0, "native": 0.6}, 1.02)] * 3)
+    mats = fast._sources(model)[0][:4]
+    assert kernels.choose("new candidate test", mats, 1) == "mkldnn" and len(calls) == 1  # settled without native
+    monkeypatch.setattr(kernels, "_decisions", {})  # a fresh process, where native builds
+    monkeypatch.setattr(kernels, "available", lambda k, dtype, device="cpu": k in ("plain", "transposed", "mkldnn", "native"))
+    assert kernels.choose("new candidate test", mats, 1) == "native" and len(calls) == 2
+    monkeypatch.setattr(kernels, "_decisions", {})
+    assert kernels.choose("new candidate test", mats, 1) == "native" and len(calls) == 2  # settled now
+
+
 def test_a_decision_measured_under_load_does_not_stick(pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """The issue's second fact: a busy machine slowed the fastest kernel in one measurement.
     A noisy (or unclear) sample is used but measured again by the next processes, and the
