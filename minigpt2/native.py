@@ -22,7 +22,7 @@ products, cache writes, attention, GELU and residual additions, ln_f and (where 
 too) the unembedding, in one OpenMP parallel region with the model's roundings.
 
 Building needs a C compiler (``$CC``, else ``cc``) with OpenMP; the library is compiled
-once per host, compiler and source (``-O3 -march=native -fopenmp``, under a second) into
+once per host, compiler and source (``-O3 -march=native -fopenmp``, about a second) into
 ``$MINIGPT2_CACHE_DIR/native`` (default ``~/.cache/minigpt2/native``) and loaded with ctypes.
 Where anything is missing (no compiler, another OpenMP runtime than torch's, a non-x86 or
 non-Linux host), :func:`library` returns None and the kernel is simply not a candidate.

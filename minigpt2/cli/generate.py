@@ -253,7 +253,8 @@ def _check_flag_combinations(args: argparse.Namespace) -> None:
     if deterministic is not None:
         given = [f"--{f.replace('_', '-')}" for f in _SAMPLING_FLAGS if getattr(args, f) is not None]
         if given:
-            raise CLIError(f"{', '.join(given)} only change sampling, which {deterministic} turns off; drop "
+            raise CLIError(f"{', '.join(given)} only change{'s' if len(given) == 1 else ''} sampling, which "
+                           f"{deterministic} turns off; drop "
                            f"{'it' if len(given) == 1 else 'them'} or {deterministic}", code=2)
     if args.greedy and args.num_samples > 1:
         raise CLIError(f"--num-samples {args.num_samples} with --greedy would print one text {args.num_samples} "
