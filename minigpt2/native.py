@@ -357,12 +357,12 @@ class DecodeStep:
         ln_f: tuple[torch.Tensor, torch.Tensor],
         unembed: torch.Tensor | None,
     ) -> None:
-        """wte (V, C) and wpe (n_positions, C); the attention's n_head; per block the 12 tensors (ln_1 weight, bias; c_attn
-        (3C, C), its bias (3C); attn.c_proj (C, C), (C); ln_2 weight, bias; c_fc (inner, C),
-        (inner); mlp.c_proj (C, inner), (C)), weights as [out, in], biases possibly None;
-        each block's attention scale; the layer norms' one epsilon; ln_f's weight and bias;
-        the unembedding (V, C), or None (the step then ends with ln_f's output). All contiguous CPU
-        tensors of one dtype this build serves.
+        """wte (V, C) and wpe (n_positions, C); the attention's n_head; per block the 12 tensors
+        (ln_1 weight, bias; c_attn (3C, C), its bias (3C); attn.c_proj (C, C), (C); ln_2 weight,
+        bias; c_fc (inner, C), (inner); mlp.c_proj (C, inner), (C)), weights as [out, in], biases
+        possibly None; each block's attention scale; the layer norms' one epsilon; ln_f's weight
+        and bias; the unembedding (V, C), or None (the step then ends with ln_f's output). All
+        contiguous CPU tensors of one dtype this build serves.
 
         Raises:
             ValueError: a tensor of another dtype, device, layout or shape.
@@ -438,7 +438,7 @@ class DecodeStep:
                                  f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")  # fmt: skip
         if not isinstance(past, int) or isinstance(past, bool) or not 0 <= past < 2**62:
             raise ValueError(f"native decode step: past must be a non-negative int, got {past!r}")
-        B = ids.shape[0]
+        B = ids.shape[0] if ids.dim() == 2 else -1
         if (ids.dtype != torch.int64 or positions.dtype != torch.int64 or ids.shape != (B, 1)
                 or positions.shape not in ((1, 1), (B, 1))):  # fmt: skip
             raise ValueError(f"native decode step: ids (B, 1) and positions (B or 1, 1) must be int64, got "

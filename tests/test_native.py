@@ -532,6 +532,8 @@ def test_decode_step_refuses_what_it_cannot_read(make_checkpoint) -> None:
             step(one, torch.tensor([[0]]), torch.ones(1, 3, dtype=torch.bool), cache.kv, 0)
         with pytest.raises(ValueError, match="int64"):
             step(one.int(), torch.tensor([[0]]), None, cache.kv, 0)
+        with pytest.raises(ValueError, match="ids"):
+            step(torch.tensor(1), torch.tensor([[0]]), None, cache.kv, 0)
         with pytest.raises(ValueError, match="the cache must be"):  # one k|v slot: C would write past it
             step(one, torch.tensor([[0]]), None, cache.kv[:, :1].contiguous(), 0)
         split = cache.kv.view(c.n_layer, 2, 1, c.n_head // 2, 4, c.head_dim * 2)
