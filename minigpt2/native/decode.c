@@ -111,8 +111,8 @@ static inline float vsum(vec a) { return a; }
  * for R rows read side by side, R streams; 42 for a layout packed so R rows interleave).
  * The first pass over the row (n == 0) also asks for the weights PREFETCH bytes ahead, as
  * non-temporal (prefetchnta: __builtin_prefetch's locality 0): a whole decode step of GPT-2
- * 124M on the AMD EPYC host here, same-process A/B in random order, fp32 64.5 -> 82.9 tok/s
- * and bf16 ~132 -> 157 (T0 prefetches at the same distance gained about half of that, 4096
+ * 124M on the AMD EPYC host here, same-process A/B in random order, fp32 64.7 -> 82.6 tok/s
+ * and bf16 135.5 -> 155 (T0 prefetches at the same distance gained about half of that, 4096
  * bytes ahead less). Builds without vectors (W == 1) move less than a line per iteration
  * and do not prefetch. */
 #define U 8
@@ -254,8 +254,9 @@ static inline float dot_f32(int dtype, const void *a, long i0, const float *q, l
 }
 
 /* One (row, head) pair: o = softmax(scale * qf . k[s] over s < S, masked) . v[s] in fp32, into
- * o (hs floats, not yet divided by the sum of the weights: that is returned). kp, vp: the head's
- * first key / value, consecutive positions kss / vss elements apart; m: NULL or S bytes, nonzero =
+ * o (hs floats, not yet divided by the sum of the weights: that is returned). k0, v0: the
+ * element offsets of the head's first key in k and first value in v, consecutive positions
+ * kss / vss elements apart; m: NULL or S bytes, nonzero =
  * may attend; p: S floats of scratch. Returns the sum of the weights (0 when every key is masked). */
 static float attend(int dtype, const float *qf, const void *k, long k0, long kss, const void *v, long v0, long vss,
                     const uint8_t *m, long S, long hs, float scale, float *p, float *o) {
