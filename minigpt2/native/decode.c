@@ -170,6 +170,18 @@ static inline void store(int dtype, void *y, long i, float v) {
 #endif
 }
 
+/* acc[n] = row o of W [out, in] . x[n] for the N (<= 64) rows of x */
+static inline void row_any(int dtype, const void *w, long o, const float *x, long N, long in, float *acc) {
+    if (dtype == F32) row_f32((const float *)w + o * in, x, N, in, acc);
+    else if (dtype == BF16) row_bf16((const uint16_t *)w + o * in, x, N, in, acc);
+#if HAS_F16
+    else row_f16((const uint16_t *)w + o * in, x, N, in, acc);
+#endif
+}
+
+/* b[o] in fp32, or 0 without a bias (b NULL) */
+static inline float bias_at(int dtype, const void *b, long o) { return b ? in_f32(dtype, b, o) : 0.0f; }
+
 /* y[N, out] = x[N, in] W[out, in]^T + b[out] (b may be NULL); W, b, x, y all of `dtype`,
  * contiguous. fp32 accumulation, one rounding to `dtype` at the end. Returns 0, -1 for a
  * dtype this build does not serve, -2 when out of memory. Runs on omp_get_max_threads()
@@ -190,23 +202,16 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
     int nt = omp_get_max_threads();
     if (nt > out) nt = (int)out;
     if ((double)out * (double)in < 32768.0) nt = 1; /* a parallel region costs more than the work */
-    long esize = dtype == F32 ? 4 : 2;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t = omp_get_thread_num(), T = omp_get_num_threads();
         long r0 = out * t / T, r1 = out * (t + 1) / T;
         float acc[64];
         for (long o = r0; o < r1; o++) {
-            const char *wo = (const char *)w + (size_t)o * in * esize;
-            float bias = b ? in_f32(dtype, b, o) : 0.0f;
+            float bias = bias_at(dtype, b, o);
             for (long n0 = 0; n0 < N; n0 += 64) {
                 long nn = N - n0 < 64 ? N - n0 : 64;
-                const float *xg = xf + n0 * in;
-                if (dtype == F32) row_f32((const float *)wo, xg, nn, in, acc);
-                else if (dtype == BF16) row_bf16((const uint16_t *)wo, xg, nn, in, acc);
-#if HAS_F16
-                else row_f16((const uint16_t *)wo, xg, nn, in, acc);
-#endif
+                row_any(dtype, w, o, xf + n0 * in, nn, in, acc);
                 for (long n = 0; n < nn; n++) store(dtype, y, (n0 + n) * out + o, acc[n] + bias);
             }
         }
@@ -439,15 +444,6 @@ static inline float rnd(int dtype, float v) {
     return v;
 }
 
-/* acc[n] = row o of W [out, in] . x[n] for the N (<= 64) rows of x */
-static inline void row_any(int dtype, const void *w, long o, const float *x, long N, long in, float *acc) {
-    if (dtype == F32) row_f32((const float *)w + o * in, x, N, in, acc);
-    else if (dtype == BF16) row_bf16((const uint16_t *)w + o * in, x, N, in, acc);
-#if HAS_F16
-    else row_f16((const uint16_t *)w + o * in, x, N, in, acc);
-#endif
-}
-
 /* out[n] = LayerNorm(x[n]) for N rows of C: mean and variance in fp32 (two passes), the
  * output rounded to dtype */
 static void layer_norm_rows(int dtype, const float *x, long N, long C, const void *w, const void *b, float eps,
@@ -514,7 +510,7 @@ int minigpt2_decode_step(const step_args *a) {
             layer_norm_rows(dtype, x, B, C, P[LN1_W], P[LN1_B], a->eps, ln);
             for (long r = 3 * C * t / T; r < 3 * C * (t + 1) / T; r++) {
                 row_any(dtype, P[ATTN_W], r, ln, B, C, acc);
-                float bias = P[ATTN_B] ? in_f32(dtype, P[ATTN_B], r) : 0.0f;
+                float bias = bias_at(dtype, P[ATTN_B], r);
                 if (r < C) {
                     for (long n = 0; n < B; n++) q[n * C + r] = rnd(dtype, acc[n] + bias);
                 } else {
@@ -536,7 +532,7 @@ int minigpt2_decode_step(const step_args *a) {
             } /* (the loop's implicit barrier: the projection reads every head) */
             for (long r = C * t / T; r < C * (t + 1) / T; r++) {
                 row_any(dtype, P[APROJ_W], r, att, B, C, acc);
-                float bias = P[APROJ_B] ? in_f32(dtype, P[APROJ_B], r) : 0.0f;
+                float bias = bias_at(dtype, P[APROJ_B], r);
                 for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, acc[n] + bias));
             }
 #pragma omp barrier
@@ -544,7 +540,7 @@ int minigpt2_decode_step(const step_args *a) {
             const long f0 = inner * t / T, f1 = inner * (t + 1) / T;
             for (long r = f0; r < f1; r++) {
                 row_any(dtype, P[FC_W], r, ln, B, C, acc);
-                float bias = P[FC_B] ? in_f32(dtype, P[FC_B], r) : 0.0f;
+                float bias = bias_at(dtype, P[FC_B], r);
                 for (long n = 0; n < B; n++) fc[n * inner + r] = rnd(dtype, acc[n] + bias);
             }
             for (long n = 0; n < B; n++) { /* GELU on this thread's own outputs: no barrier between */
@@ -556,7 +552,7 @@ int minigpt2_decode_step(const step_args *a) {
 #pragma omp barrier
             for (long r = C * t / T; r < C * (t + 1) / T; r++) {
                 row_any(dtype, P[MPROJ_W], r, fc, B, inner, acc);
-                float bias = P[MPROJ_B] ? in_f32(dtype, P[MPROJ_B], r) : 0.0f;
+                float bias = bias_at(dtype, P[MPROJ_B], r);
                 for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, acc[n] + bias));
             }
 #pragma omp barrier
