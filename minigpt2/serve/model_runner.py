@@ -51,13 +51,13 @@ class SlotCache(KVCache):
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.length = max(positions)
         self.equal = min(positions) == self.length  # one write position for every row
-        #: Where each row writes ([n] int64), for the fast path's whole native step; None when
-        #: every row writes at ``length``.
+        #: Where each row writes ([n] int64: update / update_fused, and the fast path's whole
+        #: native step, read it); None when every row writes at ``length``.
         self.write_positions: torch.Tensor | None = None
         if not self.equal:
             device = memory.kv.device
             self._row_ids = torch.arange(n, device=device)
-            self._positions = self.write_positions = torch.tensor(positions, device=device)
+            self.write_positions = torch.tensor(positions, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (n, nh, T, hs) at each row's position; return keys/values 0..length + T."""
@@ -66,8 +66,8 @@ class SlotCache(KVCache):
             self.k[layer].narrow(2, self.length, T).copy_(k)
             self.v[layer].narrow(2, self.length, T).copy_(v)
         else:
-            self.k[layer][self._row_ids, :, self._positions] = k[:, :, 0]  # (n, nh, hs) at (row, pos[row])
-            self.v[layer][self._row_ids, :, self._positions] = v[:, :, 0]
+            self.k[layer][self._row_ids, :, self.write_positions] = k[:, :, 0]  # (n, nh, hs) at (row, pos[row])
+            self.v[layer][self._row_ids, :, self.write_positions] = v[:, :, 0]
         S = self.length + T
         return self.k[layer].narrow(2, 0, S), self.v[layer].narrow(2, 0, S)
 
@@ -77,7 +77,7 @@ class SlotCache(KVCache):
         if self.equal:
             self.kv[layer].narrow(3, self.length, T).copy_(kv.permute(2, 0, 3, 1, 4))  # (2, n, nh, T, hs)
         else:
-            self.kv[layer][:, self._row_ids, :, self._positions] = kv[:, 0]  # (n, 2, nh, hs) at (row, pos[row])
+            self.kv[layer][:, self._row_ids, :, self.write_positions] = kv[:, 0]  # (n, 2, nh, hs) at (row, pos[row])
         S = self.length + T
         return self.k[layer].narrow(2, 0, S), self.v[layer].narrow(2, 0, S)
 
