@@ -4,6 +4,8 @@ to the other kernels wherever it cannot be built."""
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,10 +43,10 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_f, in_f", [(24, 40), (20, 64), (8, 16), (37, 200), (3, 5), (2304, 768), (64, 1600)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 11, 64])
 def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: int, rows: int) -> None:
     """x W^T + b for inputs short of, and with tails past, the unrolled vectors (gpt2-xl's 1600
-    included), several rows of x; fp32 within fp32 rounding of the sum, half precision rounded
+    included), one or two rows of x (the one-row kernel) and more (groups of rows: 3, 6 + 5, 8 x 8); fp32 within fp32 rounding of the sum, half precision rounded
     once from an fp32 sum."""
     if dtype not in LIB.dtypes:
         pytest.skip(f"this build does not serve {dtype} (no F16C)")
@@ -369,7 +371,8 @@ def test_a_bad_cached_library_is_built_again(tmp_path: Path, monkeypatch: pytest
 def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> None:
     """What other hosts' -march=native gives: plain C (no AVX), F16C without AVX2 (Ivy Bridge),
     AVX2 + FMA, AVX-512; each build compiles without warnings and reports its vector width and
-    dtypes (fp16 only with F16C)."""
+    dtypes (fp16 only with F16C); where this CPU can run it, its products and attention are
+    right."""
     import ctypes
     import subprocess
 
@@ -377,14 +380,55 @@ def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> No
     if built is None:
         pytest.skip("no C compiler here")
     out = tmp_path / f"{march}.so"
-    cmd = [*native.shlex.split(built[0]), "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", "-Wall", "-Wextra",
-           "-Werror", str(native.SOURCE), "-o", str(out), "-lm"]  # fmt: skip
+    flags = [f"-march={march}" if f == "-march=native" else f for f in native.FLAGS]
+    cmd = [*native.shlex.split(built[0]), *flags, "-Wall", "-Wextra", "-Werror", str(native.SOURCE), "-o", str(out), "-lm"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     lib = ctypes.CDLL(str(out))
     lanes, dtypes = lib.minigpt2_lanes(), lib.minigpt2_dtypes()
     assert lanes == {"x86-64": 1, "x86-64-v2": 1, "ivybridge": 1, "x86-64-v3": 8, "x86-64-v4": 16}[march]
     assert dtypes & 0b011 == 0b011 and bool(dtypes & 0b100) == (march != "x86-64" and march != "x86-64-v2")
+    # Where this CPU can run the build, its products against float64 (a host of that level runs
+    # these paths: this one may not otherwise): one row, and groups of rows (3; 5 + 5 + 4)
+    needs = {"x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},
+             "ivybridge": {"avx", "f16c"}}.get(march, set())  # fmt: skip
+    if not needs <= set(native._cpu_flags().split()):
+        return
+    fn = lib.minigpt2_linear
+    fn.argtypes, fn.restype = LIB.fn.argtypes, ctypes.c_int
+    g = torch.Generator().manual_seed(7)
+    for dtype, code in native.DTYPES.items():
+        for (out_f, in_f), rows in itertools.product([(37, 200), (64, 1600)], [1, 3, 14]):
+            w = torch.randn(out_f, in_f, generator=g).to(dtype)
+            b, x = torch.randn(out_f, generator=g).to(dtype), torch.randn(rows, in_f, generator=g).to(dtype)
+            y = torch.full((rows, out_f), float("nan"), dtype=dtype)
+            rc = fn(code, w.data_ptr(), b.data_ptr(), x.data_ptr(), y.data_ptr(), rows, out_f, in_f)
+            if not dtypes >> code & 1:
+                assert rc == -1
+                continue
+            want = _reference(x, w, b)
+            tol = (1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps) * want.abs().max().item()
+            assert rc == 0 and (y.double() - want).abs().max().item() <= tol, (march, dtype, out_f, rows)
+    # one token's attention (keys 8 at a time and the rest; 8, 4, 1 vectors of the output), and
+    # the GELU (vectorized: fast_gelu uses it in every vector build)
+    built_lib = native.Library(lib, out)
+    for dtype in built_lib.dtypes - {torch.float32}:
+        x = torch.linspace(-12, 12, 4001).to(dtype).double()
+        want = x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))  # as in the test above
+        got = native.gelu_tanh_(x.to(dtype), built_lib).double()
+        fi = torch.finfo(dtype)
+        assert ((got - want).abs() <= fi.eps * (want.abs() + fi.smallest_normal) + 1e-36).all(), (march, dtype)
+    for dtype in built_lib.dtypes:
+        for B, nh, S, hs in ((2, 3, 21, 80), (1, 2, 8, 64)):
+            k, v = (torch.randn(B, nh, S + 3, hs, generator=g).to(dtype)[:, :, :S] for _ in range(2))
+            q = torch.randn(B, nh, 1, hs, generator=g).to(dtype)
+            mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+            mask[-1, ..., : S // 2] = False
+            got = native.one_token_attention(q, k, v, mask, hs**-0.5, built_lib)
+            want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                                    scale=hs**-0.5)  # fmt: skip
+            tol = 2e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+            assert ((got.double() - want).abs() <= tol * want.abs().max()).all(), (march, dtype, S, hs)
 
 
 def test_a_cut_off_cached_library_is_built_again_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

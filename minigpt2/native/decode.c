@@ -106,20 +106,78 @@ static inline float vsum(vec a) { return a; }
 #endif
 
 /* One row of W against the N rows of x (fp32, [N, in]): acc[n] = sum_i w[i] x[n, i].
- * U independent accumulators, U vectors of the row per iteration: one sequential stream per
- * thread through the weights (measured here, 49 GPT-2 matrices: 46-49 GB/s, against 39-41
- * for R rows read side by side, R streams; 42 for a layout packed so R rows interleave).
- * The first pass over the row (n == 0) also asks for the weights PREFETCH bytes ahead, as
- * non-temporal (prefetchnta: __builtin_prefetch's locality 0): a whole decode step of GPT-2
- * 124M on the AMD EPYC host here, same-process A/B in random order, fp32 64.7 -> 82.6 tok/s
- * and bf16 135.5 -> 155 (T0 prefetches at the same distance gained about half of that, 4096
- * bytes ahead less). Builds without vectors (W == 1) move less than a line per iteration
- * and do not prefetch. */
+ *
+ * One or two rows of x (batch 1, a prompt's last rows): U independent accumulators, U vectors
+ * of the row per iteration: one sequential stream per thread through the weights (measured
+ * here, 49 GPT-2 matrices: 46-49 GB/s, against 39-41 for R rows read side by side, R streams;
+ * 42 for a layout packed so R rows interleave). The first pass over the row (n == 0) also asks
+ * for the weights PREFETCH bytes ahead, as non-temporal (prefetchnta: __builtin_prefetch's
+ * locality 0): a whole decode step of GPT-2 124M on the AMD EPYC host here, same-process A/B in
+ * random order, fp32 64.7 -> 82.6 tok/s and bf16 135.5 -> 155 (T0 prefetches at the same
+ * distance gained about half of that, 4096 bytes ahead less). Builds without vectors (W == 1)
+ * move less than a line per iteration and do not prefetch.
+ *
+ * TILE_MIN or more rows of x (a batch): up to G of them at a time against the row (tile_*), each
+ * weight vector loaded and widened once for all of them, one accumulator a row of x. That
+ * turns G loads of W into one: the batch is then bound by the FMAs, not the loads. Measured
+ * over GPT-2's 49 matrices at 8 rows, 2 threads (AMD EPYC Zen 5): the AVX2 build, as a host
+ * without AVX-512 compiles it, fp32 22.4 -> 17.0 ms (oneDNN's AVX2 GEMM 20.7) and bf16 17.2 ->
+ * 11.9 (oneDNN on an fp32 copy, what such a host has otherwise: 22.2); 2 or 4 rows of W side
+ * by side (fewer loads of x) measured slower, the extra streams cost more than the loads.
+ * Builds without vectors keep the one-row loop (its U accumulators: a scalar one a row of x
+ * would sum 1600 products in one chain). */
 #define U 8
+#define G 8
+#define TILE_MIN 3
 #define PREFETCH 2048
 #define LINES(WT) (W > 1 ? (int)(U * W * sizeof(WT) / 64) : 0)
+#define DEFINE_TILE(NAME, WT, VLOAD, SLOAD, GG)                                                  \
+    static inline void NAME##GG(const WT *w, const float *x, long in, int pf, float *acc) {     \
+        vec a[GG];                                                                               \
+        for (int g = 0; g < GG; g++) a[g] = vzero();                                             \
+        long i = 0;                                                                              \
+        for (; i + W <= in; i += W) {                                                            \
+            if (pf && W > 1 && ((i * (long)sizeof(WT)) & 63) == 0)                              \
+                __builtin_prefetch((const char *)(w + i) + PREFETCH, 0, 0);                      \
+            vec wv = VLOAD(w + i);                                                               \
+            for (int g = 0; g < GG; g++) a[g] = vfma(wv, vload(x + g * in + i), a[g]);           \
+        }                                                                                        \
+        for (int g = 0; g < GG; g++) {                                                           \
+            float s = vsum(a[g]);                                                                \
+            for (long j = i; j < in; j++) s += SLOAD(w[j]) * x[g * in + j];                      \
+            acc[g] = s;                                                                          \
+        }                                                                                        \
+    }
 #define DEFINE_ROW(NAME, WT, VLOAD, SLOAD)                                                       \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 1)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 2)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 3)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 4)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 5)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 6)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 7)                                                \
+    DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 8)                                                \
     static void NAME(const WT *w, const float *x, long N, long in, float *acc) {                 \
+        if (W > 1 && N >= TILE_MIN) { /* groups of equal size (11: 6 + 5), up to G rows each */ \
+            long groups = (N + G - 1) / G;                                                       \
+            for (long n = 0, k = 0; k < groups; k++) {                                           \
+                long g = (N - n + groups - k - 1) / (groups - k);                                \
+                const float *xn = x + n * in;                                                    \
+                int pf = n == 0;                                                                 \
+                switch (g) {                                                                     \
+                case 1: NAME##_tile1(w, xn, in, pf, acc + n); break;                             \
+                case 2: NAME##_tile2(w, xn, in, pf, acc + n); break;                             \
+                case 3: NAME##_tile3(w, xn, in, pf, acc + n); break;                             \
+                case 4: NAME##_tile4(w, xn, in, pf, acc + n); break;                             \
+                case 5: NAME##_tile5(w, xn, in, pf, acc + n); break;                             \
+                case 6: NAME##_tile6(w, xn, in, pf, acc + n); break;                             \
+                case 7: NAME##_tile7(w, xn, in, pf, acc + n); break;                             \
+                default: NAME##_tile8(w, xn, in, pf, acc + n); break;                            \
+                }                                                                                \
+                n += g;                                                                          \
+            }                                                                                    \
+            return;                                                                              \
+        }                                                                                        \
         for (long n = 0; n < N; n++) {                                                           \
             const float *xn = x + n * in;                                                        \
             vec a[U];                                                                            \
@@ -231,77 +289,124 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
  * work is large enough to gain from it. Returns 0, -1 for a dtype this build does not serve,
  * -2 when out of memory. */
 
-static inline float dot_f32(int dtype, const void *a, long i0, const float *q, long hs) {
-    /* sum_d a[i0 + d] q[d], a of dtype, q fp32: row_* with one accumulator, since a head (64
-     * values) is shorter than one of their U-vector iterations and this runs once a key */
-    vec acc = vzero();
-    long d = 0;
-    float s;
-    if (dtype == F32) {
-        const float *p = (const float *)a + i0;
-        for (; d + W <= hs; d += W) acc = vfma(vload(p + d), vload(q + d), acc);
-        s = vsum(acc);
-        for (; d < hs; d++) s += p[d] * q[d];
-    } else if (dtype == BF16) {
-        const uint16_t *p = (const uint16_t *)a + i0;
-        for (; d + W <= hs; d += W) acc = vfma(vload_bf16(p + d), vload(q + d), acc);
-        s = vsum(acc);
-        for (; d < hs; d++) s += bf16_f32(p[d]) * q[d];
-    } else { /* F16: only where HAS_F16 (minigpt2_attention_one refuses it otherwise) */
-#if HAS_F16
-        const uint16_t *p = (const uint16_t *)a + i0;
-        for (; d + W <= hs; d += W) acc = vfma(vload_f16(p + d), vload(q + d), acc);
-#endif
-        s = vsum(acc);
-        for (; d < hs; d++) s += in_f32(dtype, a, i0 + d) * q[d];
-    }
-    return s;
+/* e^y for y in [-87, 87] (callers clamp): y = k ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
+ * Taylor polynomial (relative error < 2e-8); plain arithmetic, so loops of it vectorize */
+static inline float exp_clamped(float y) {
+    float k = __builtin_rintf(y * 1.44269504088896341f);
+    float r = y - k * 0.693145751953125f - k * 1.428606765330187e-06f; /* ln2 in two parts */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    int32_t e = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
 }
+
+/* scores[s] = k[s] . q over the S keys of one head, 8 keys at a time: 8 independent sums (one
+ * accumulator chain a key would wait on the FMA latency: a head is only hs / W vectors long) */
+#define DEFINE_SCORES(NAME, WT, VLOAD, SLOAD)                                                    \
+    static void NAME(const WT *kp, long kss, const float *q, long S, long hs, float *sc) {       \
+        long s = 0;                                                                              \
+        for (; s + 8 <= S; s += 8) {                                                             \
+            vec a[8];                                                                            \
+            for (int j = 0; j < 8; j++) a[j] = vzero();                                          \
+            long d = 0;                                                                          \
+            for (; d + W <= hs; d += W) {                                                        \
+                vec qv = vload(q + d);                                                           \
+                for (int j = 0; j < 8; j++) a[j] = vfma(VLOAD(kp + (s + j) * kss + d), qv, a[j]); \
+            }                                                                                    \
+            for (int j = 0; j < 8; j++) {                                                        \
+                float t = vsum(a[j]);                                                            \
+                for (long e = d; e < hs; e++) t += SLOAD(kp[(s + j) * kss + e]) * q[e];          \
+                sc[s + j] = t;                                                                   \
+            }                                                                                    \
+        }                                                                                        \
+        for (; s < S; s++) {                                                                     \
+            vec a = vzero();                                                                     \
+            long d = 0;                                                                          \
+            for (; d + W <= hs; d += W) a = vfma(VLOAD(kp + s * kss + d), vload(q + d), a);      \
+            float t = vsum(a);                                                                   \
+            for (; d < hs; d++) t += SLOAD(kp[s * kss + d]) * q[d];                              \
+            sc[s] = t;                                                                           \
+        }                                                                                        \
+    }
+/* o = sum_s p[s] v[s] over the S values of one head: up to 8 vectors of o held in registers
+ * across all s (one multiply-add chain per vector, independent of each other) */
+#define DEFINE_VALUES(NAME, WT, VLOAD, SLOAD)                                                    \
+    static void NAME(const WT *vp, long vss, const float *p, long S, long hs, float *o) {        \
+        long d = 0;                                                                              \
+        for (; d + 8 * W <= hs; d += 8 * W) {                                                    \
+            vec a[8];                                                                            \
+            for (int j = 0; j < 8; j++) a[j] = vzero();                                          \
+            for (long s = 0; s < S; s++) {                                                       \
+                vec ps = vset1(p[s]);                                                            \
+                for (int j = 0; j < 8; j++) a[j] = vfma(VLOAD(vp + s * vss + d + j * W), ps, a[j]); \
+            }                                                                                    \
+            for (int j = 0; j < 8; j++) vstore(o + d + j * W, a[j]);                             \
+        }                                                                                        \
+        for (; d + 4 * W <= hs; d += 4 * W) {                                                    \
+            vec a[4];                                                                            \
+            for (int j = 0; j < 4; j++) a[j] = vzero();                                          \
+            for (long s = 0; s < S; s++) {                                                       \
+                vec ps = vset1(p[s]);                                                            \
+                for (int j = 0; j < 4; j++) a[j] = vfma(VLOAD(vp + s * vss + d + j * W), ps, a[j]); \
+            }                                                                                    \
+            for (int j = 0; j < 4; j++) vstore(o + d + j * W, a[j]);                             \
+        }                                                                                        \
+        for (; d + W <= hs; d += W) {                                                            \
+            vec a = vzero();                                                                     \
+            for (long s = 0; s < S; s++) a = vfma(VLOAD(vp + s * vss + d), vset1(p[s]), a);      \
+            vstore(o + d, a);                                                                    \
+        }                                                                                        \
+        for (; d < hs; d++) {                                                                    \
+            float a = 0.0f;                                                                      \
+            for (long s = 0; s < S; s++) a += p[s] * SLOAD(vp[s * vss + d]);                     \
+            o[d] = a;                                                                            \
+        }                                                                                        \
+    }
+DEFINE_SCORES(scores_f32, float, vload, id_f32)
+DEFINE_SCORES(scores_bf16, uint16_t, vload_bf16, bf16_f32)
+DEFINE_VALUES(values_f32, float, vload, id_f32)
+DEFINE_VALUES(values_bf16, uint16_t, vload_bf16, bf16_f32)
+#if HAS_F16
+DEFINE_SCORES(scores_f16, uint16_t, vload_f16, f16_f32)
+DEFINE_VALUES(values_f16, uint16_t, vload_f16, f16_f32)
+#endif
 
 /* One (row, head) pair: o = softmax(scale * qf . k[s] over s < S, masked) . v[s] in fp32, into
  * o (hs floats, not yet divided by the sum of the weights: that is returned). k0, v0: the
  * element offsets of the head's first key in k and first value in v, consecutive positions
- * kss / vss elements apart; m: NULL or S bytes, nonzero =
- * may attend; p: S floats of scratch. Returns the sum of the weights (0 when every key is masked). */
+ * kss / vss elements apart; m: NULL or S bytes, nonzero = may attend; p: S floats of scratch.
+ * Returns the sum of the weights (0, and o zero, when every key is masked). The weights are
+ * e^(score - max) by exp_clamped, 0 below e^-87 (a weight under 1e-37 of the largest). */
 static float attend(int dtype, const float *qf, const void *k, long k0, long kss, const void *v, long v0, long vss,
                     const uint8_t *m, long S, long hs, float scale, float *p, float *o) {
+    if (dtype == F32) scores_f32((const float *)k + k0, kss, qf, S, hs, p);
+    else if (dtype == BF16) scores_bf16((const uint16_t *)k + k0, kss, qf, S, hs, p);
+#if HAS_F16
+    else scores_f16((const uint16_t *)k + k0, kss, qf, S, hs, p);
+#endif
     float mx = -INFINITY;
     for (long s = 0; s < S; s++) {
-        float sc = (m && !m[s]) ? -INFINITY : scale * dot_f32(dtype, k, k0 + s * kss, qf, hs);
-        p[s] = sc;
-        if (sc > mx) mx = sc;
+        p[s] = (m && !m[s]) ? -INFINITY : scale * p[s];
+        if (p[s] > mx) mx = p[s];
+    }
+    if (mx == -INFINITY) { /* every key masked */
+        for (long d = 0; d < hs; d++) o[d] = 0.0f;
+        return 0.0f;
     }
     float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
     for (long s = 0; s < S; s++) {
-        float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
+        float y = p[s] - mx; /* <= 0; -inf where masked */
+        float e = y < -87.0f ? 0.0f : exp_clamped(y);
         p[s] = e;
         sum += e;
     }
-    /* o = sum_s p[s] v[s]: one vector of o at a time in a register, over all s (the head's
-     * values stay in L1 between the passes) */
-    long d = 0;
-    for (; d + W <= hs; d += W) {
-        vec acc = vzero();
-        long i0 = v0 + d;
-        if (dtype == F32) {
-            const float *vp = (const float *)v + i0;
-            for (long s = 0; s < S; s++) acc = vfma(vload(vp + s * vss), vset1(p[s]), acc);
-        } else if (dtype == BF16) {
-            const uint16_t *vp = (const uint16_t *)v + i0;
-            for (long s = 0; s < S; s++) acc = vfma(vload_bf16(vp + s * vss), vset1(p[s]), acc);
-        } else {
+    if (dtype == F32) values_f32((const float *)v + v0, vss, p, S, hs, o);
+    else if (dtype == BF16) values_bf16((const uint16_t *)v + v0, vss, p, S, hs, o);
 #if HAS_F16
-            const uint16_t *vp = (const uint16_t *)v + i0;
-            for (long s = 0; s < S; s++) acc = vfma(vload_f16(vp + s * vss), vset1(p[s]), acc);
+    else values_f16((const uint16_t *)v + v0, vss, p, S, hs, o);
 #endif
-        }
-        vstore(o + d, acc);
-    }
-    for (; d < hs; d++) {
-        float acc = 0.0f;
-        for (long s = 0; s < S; s++) acc += p[s] * in_f32(dtype, v, v0 + s * vss + d);
-        o[d] = acc;
-    }
     return sum;
 }
 
@@ -344,20 +449,9 @@ int minigpt2_attention_one(int dtype, const void *q, const void *k, const void *
  * prompt's MLP activation, where torch's bf16 GELU took ~2 ms a layer at 1000 x 3072 here.
  * Written as 0.5 (1 + tanh(u)) = 1 / (1 + e^(-2u)), which has no cancellation for negative x
  * (1 + tanh(u) -> 0 there), with e^y = 2^k e^r, |r| <= ln2 / 2, and a degree-7 Taylor
- * polynomial for e^r (relative error < 2e-8); plain loops the compiler vectorizes (AVX-512:
- * 0.5 ms for 1000 x 3072; native.py uses it only in AVX-512 builds, since the AVX2 build
- * measured 4.4 ms). Returns 0, -1 for a dtype this build does not serve. */
-static inline float exp_clamped(float y) {
-    /* e^y for y in [-87, 87] (callers clamp): y = k ln2 + r */
-    float k = __builtin_rintf(y * 1.44269504088896341f);
-    float r = y - k * 0.693145751953125f - k * 1.428606765330187e-06f; /* ln2 in two parts */
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    int32_t e = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    return p * scale;
-}
-
+ * polynomial for e^r (relative error < 2e-8); plain loops the compiler vectorizes (with
+ * -fno-trapping-math, which lets it turn the compares into selects; for 1000 x 3072: AVX-512
+ * 0.52 ms, AVX2 1.06 ms, scalar 4.9 ms). Returns 0, -1 for a dtype this build does not serve. */
 /* buf[j] <- GELU(buf[j]) for j < m, in fp32 */
 static inline void gelu_span(float *buf, long m) {
 #pragma omp simd
