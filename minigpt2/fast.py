@@ -84,7 +84,8 @@ class _Prepared:
     rows: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)  # (N, in) -> (N, out)
     keys: list[tuple] = field(default_factory=list)  # source_key of every weight it was built from
     forced: str | None = None  # kernels.forced() when it was built
-    threads: StepThreads | None = None  # the decode steps' thread count (StepThreads)
+    # the decode steps' thread counts: one StepThreads per batch size (rows of a step)
+    threads: dict[int, StepThreads] = field(default_factory=dict)
 
     @property
     def extra_bytes(self) -> int:
@@ -410,15 +411,14 @@ class Decoder:
         self.unembed = p.unembed.mm
         # The block matrices on the native kernel: one-token steps run whole in C
         self.native_step = build_native_step(model, p, lib)
-        # What ready() looks at before every step, gathered once: the hooks, and the weights
-        # the prepared copies were made from (their version counters and addresses).
         # The decode steps' thread count: one for torch when numpy's BLAS does the products,
-        # else StepThreads (kept with the prepared kernels across generate calls).
+        # else a StepThreads per batch size (_threads).
         self.user_threads = torch.get_num_threads()
         self.numpy_step = p.blocks[0].pool == "numpy" and p.unembed.pool == "numpy" and self.user_threads > 1
         self.blas_threads = kernels.numpy_blas_threads() if self.numpy_step else None
         self._probe_x = (torch.ones(1, c.n_embd, dtype=model.dtype), torch.ones(1, c.inner_dim, dtype=model.dtype))
-        self.threads = p.threads = StepThreads.current_for(p.threads)
+        # What ready() looks at before every step, gathered once: the hooks, and the weights
+        # the prepared copies were made from (their version counters and addresses).
         self._hooks = hooks or _HookWatch(model)
         weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
         # (Inference tensors have no version counter, and cannot be edited outside inference mode.)
@@ -487,9 +487,9 @@ class Decoder:
         and with the numpy kernel always inside ``_on``: outside it OpenBLAS's and torch's
         thread pools spin against each other (a 5-token check of gpt2-large's shape took 16x a
         one-token step that way)."""
-        if ids.numel() > kernels.ROWS or (self.threads is None and not self.numpy_step):
+        threads = None if ids.numel() > kernels.ROWS else self._threads(ids.shape[0])
+        if ids.numel() > kernels.ROWS or (threads is None and not self.numpy_step):
             return self._forward(ids, positions, mask, cache, last_only)
-        threads = self.threads
         # Only one-token steps teach StepThreads a step's time: a short prompt (up to kernels.ROWS
         # tokens) or a check of several drafts can take several steps' time, which would read as
         # a contended team and send the steps back to one thread at every call.
@@ -526,6 +526,19 @@ class Decoder:
             cache.advance(1)
             return out if step.unembeds else self.logits(out)
         return self.logits(self.hidden(ids, positions, mask, cache, last_only))
+
+    def _threads(self, rows: int) -> StepThreads | None:
+        """The StepThreads of steps with ``rows`` rows (kept with the prepared kernels across
+        generate calls), or None (one thread, or switched off). One per batch size, since a step's
+        time depends on its rows: one size's times must not judge another's (a bf16 model whose
+        batch-1 steps came first ran its batch-8 steps on one thread, which took over 2x the
+        fastest one-row step: 251 against 420 tok/s, on the AVX2 host emulated here)."""
+        st = StepThreads.current_for(self.p.threads.get(rows))
+        if st is None:
+            self.p.threads.pop(rows, None)
+        else:
+            self.p.threads[rows] = st
+        return st
 
     @contextlib.contextmanager
     def _on(self, n: int) -> Iterator[None]:

@@ -818,6 +818,29 @@ def test_a_short_prompt_is_not_timed_as_a_step(pair, monkeypatch: pytest.MonkeyP
     assert len(recorded) == 3  # the three one-token steps, not the 40-token prompt
 
 
+def test_each_batch_size_keeps_its_own_step_threads(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's time depends on its rows, so steps of one batch size never judge another's
+    thread count (a batch of 8 after batch-1 steps read as a contended team and ran on one
+    thread); each size's state carries over between generate calls."""
+    model, _ = pair
+    seen: list[fast.StepThreads] = []
+    real = fast.StepThreads.record
+    monkeypatch.setattr(fast.StepThreads, "record", lambda self, n, seconds: seen.append(self) or real(self, n, seconds))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    states = []
+    try:
+        with kernels.force("plain"):  # one prepared set for both sizes
+            for batch in (1, 3, 1, 3):
+                seen.clear()
+                model.generate(_ids(batch, 5, seed=batch), max_new_tokens=3, min_new_tokens=3)
+                states.append({id(st) for st in seen})
+    finally:
+        torch.set_num_threads(previous)
+    assert all(len(s) == 1 for s in states)
+    assert states[0] != states[1] and states[2] == states[0] and states[3] == states[1]
+
+
 def test_step_threads_switched_off_or_single(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fast.ENV_THREADS, "0")
     assert fast.StepThreads.current_for(None) is None
