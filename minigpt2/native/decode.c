@@ -329,34 +329,24 @@ static inline float exp_clamped(float y) {
             sc[s] = t;                                                                           \
         }                                                                                        \
     }
-/* o = sum_s p[s] v[s] over the S values of one head: up to 8 vectors of o held in registers
- * across all s (one multiply-add chain per vector, independent of each other) */
+/* o = sum_s p[s] v[s] over the S values of one head: blocks of 8, then 4, then 1 vectors of o
+ * held in registers across all s (one multiply-add chain per vector, independent of each other) */
+#define VALUES_BLOCK(NB, VLOAD)                                                                  \
+    for (; d + NB * W <= hs; d += NB * W) {                                                      \
+        vec a[NB];                                                                               \
+        for (int j = 0; j < NB; j++) a[j] = vzero();                                             \
+        for (long s = 0; s < S; s++) {                                                           \
+            vec ps = vset1(p[s]);                                                                \
+            for (int j = 0; j < NB; j++) a[j] = vfma(VLOAD(vp + s * vss + d + j * W), ps, a[j]); \
+        }                                                                                        \
+        for (int j = 0; j < NB; j++) vstore(o + d + j * W, a[j]);                                \
+    }
 #define DEFINE_VALUES(NAME, WT, VLOAD, SLOAD)                                                    \
     static void NAME(const WT *vp, long vss, const float *p, long S, long hs, float *o) {        \
         long d = 0;                                                                              \
-        for (; d + 8 * W <= hs; d += 8 * W) {                                                    \
-            vec a[8];                                                                            \
-            for (int j = 0; j < 8; j++) a[j] = vzero();                                          \
-            for (long s = 0; s < S; s++) {                                                       \
-                vec ps = vset1(p[s]);                                                            \
-                for (int j = 0; j < 8; j++) a[j] = vfma(VLOAD(vp + s * vss + d + j * W), ps, a[j]); \
-            }                                                                                    \
-            for (int j = 0; j < 8; j++) vstore(o + d + j * W, a[j]);                             \
-        }                                                                                        \
-        for (; d + 4 * W <= hs; d += 4 * W) {                                                    \
-            vec a[4];                                                                            \
-            for (int j = 0; j < 4; j++) a[j] = vzero();                                          \
-            for (long s = 0; s < S; s++) {                                                       \
-                vec ps = vset1(p[s]);                                                            \
-                for (int j = 0; j < 4; j++) a[j] = vfma(VLOAD(vp + s * vss + d + j * W), ps, a[j]); \
-            }                                                                                    \
-            for (int j = 0; j < 4; j++) vstore(o + d + j * W, a[j]);                             \
-        }                                                                                        \
-        for (; d + W <= hs; d += W) {                                                            \
-            vec a = vzero();                                                                     \
-            for (long s = 0; s < S; s++) a = vfma(VLOAD(vp + s * vss + d), vset1(p[s]), a);      \
-            vstore(o + d, a);                                                                    \
-        }                                                                                        \
+        VALUES_BLOCK(8, VLOAD)                                                                   \
+        VALUES_BLOCK(4, VLOAD)                                                                   \
+        VALUES_BLOCK(1, VLOAD)                                                                   \
         for (; d < hs; d++) {                                                                    \
             float a = 0.0f;                                                                      \
             for (long s = 0; s < S; s++) a += p[s] * SLOAD(vp[s * vss + d]);                     \
