@@ -533,7 +533,9 @@ class Decoder:
         time depends on its rows: one size's times must not judge another's (a bf16 model whose
         batch-1 steps came first ran its batch-8 steps on one thread, which took over 2x the
         fastest one-row step: 251 against 420 tok/s, on the AVX2 host emulated here)."""
-        st = StepThreads.current_for(self.p.threads.get(rows))
+        # the user's team, read when the Decoder was built: generate runs the numpy kernel's
+        # steps inside between_steps, where torch is set to one thread
+        st = StepThreads.current_for(self.p.threads.get(rows), self.user_threads)
         if st is None:
             self.p.threads.pop(rows, None)
         else:
@@ -652,10 +654,11 @@ class StepThreads:
         self.switches = 0  # how often the choice changed (tests, the bench)
 
     @classmethod
-    def current_for(cls, previous: StepThreads | None) -> StepThreads | None:
-        """``previous`` if it still applies (same torch setting), a fresh one if not, None when
-        there is nothing to choose (one thread) or the choice is switched off."""
-        n = torch.get_num_threads()
+    def current_for(cls, previous: StepThreads | None, n: int | None = None) -> StepThreads | None:
+        """``previous`` if it still applies (same team size ``n``: torch's setting unless given), a
+        fresh one if not, None when there is nothing to choose (one thread) or the choice is
+        switched off."""
+        n = torch.get_num_threads() if n is None else n
         if n <= 1 or os.environ.get(ENV_THREADS, "1").strip() == "0":
             return None
         return previous if previous is not None and previous.n == n else cls(n)

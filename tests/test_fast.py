@@ -841,6 +841,25 @@ def test_each_batch_size_keeps_its_own_step_threads(pair, monkeypatch: pytest.Mo
     assert states[0] != states[1] and states[2] == states[0] and states[3] == states[1]
 
 
+def test_numpy_kernel_steps_keep_adaptive_threads(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate runs the numpy kernel's steps with torch on one thread (between_steps): their
+    thread state still follows the user's team, read when the Decoder was built (found by a
+    review: the per-batch state read torch's setting at each step and found one thread)."""
+    if not kernels.available("numpy", torch.float32):
+        pytest.skip("numpy's BLAS is not OpenBLAS here")
+    model, _ = pair
+    recorded: list[int] = []
+    monkeypatch.setattr(fast.StepThreads, "record", lambda self, n, seconds: recorded.append(n))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.force("numpy"):
+            model.generate(_ids(1, 4, seed=5), max_new_tokens=5, min_new_tokens=5)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(recorded) == 4  # the four one-token steps
+
+
 def test_step_threads_switched_off_or_single(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fast.ENV_THREADS, "0")
     assert fast.StepThreads.current_for(None) is None

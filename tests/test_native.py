@@ -389,7 +389,7 @@ def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> No
     assert lanes == {"x86-64": 1, "x86-64-v2": 1, "ivybridge": 1, "x86-64-v3": 8, "x86-64-v4": 16}[march]
     assert dtypes & 0b011 == 0b011 and bool(dtypes & 0b100) == (march != "x86-64" and march != "x86-64-v2")
     # Where this CPU can run the build, its products against float64 (a host of that level runs
-    # these paths: this one may not otherwise): one row, and groups of rows (3; 5 + 5 + 4)
+    # these paths: this one may not otherwise): one row, and groups of rows (3; 7 + 7)
     needs = {"x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},
              "ivybridge": {"avx", "f16c"}}.get(march, set())  # fmt: skip
     if not needs <= set(native._cpu_flags().split()):

@@ -295,7 +295,8 @@ static inline float exp_clamped(float y) {
     float k = __builtin_rintf(y * 1.44269504088896341f);
     float r = y - k * 0.693145751953125f - k * 1.428606765330187e-06f; /* ln2 in two parts */
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    int32_t e = ((int32_t)k + 127) << 23;
+    k = k > -126.0f ? k : -126.0f; /* (a NaN y: keeps the conversion below defined; p is NaN) */
+    int32_t e = (int32_t)((uint32_t)((int32_t)k + 127) << 23);
     float scale;
     memcpy(&scale, &e, 4);
     return p * scale;
