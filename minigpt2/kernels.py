@@ -103,6 +103,7 @@ ENV_CACHE_DIR = "MINIGPT2_CACHE_DIR"
 
 _forced: str | None = None  # set by force(); wins over the environment variable
 _available: dict[tuple[str, torch.dtype, str], bool] = {}
+_warned_unavailable: set[tuple[str, torch.dtype, str]] = set()  # forced kernels already warned about
 _decisions: dict[str, str] = {}  # decision_key -> kernel, this process's copy of the cache file
 HALF = (torch.bfloat16, torch.float16)
 
@@ -569,7 +570,9 @@ def choose(
     if name is not None:
         if available(name, dtype, device):
             return name
-        warnings.warn(f"kernel {name!r} is not available for {dtype} on {device.type}; using 'plain'", stacklevel=2)
+        if (name, dtype, device.type) not in _warned_unavailable:  # once, not once per choice
+            _warned_unavailable.add((name, dtype, device.type))
+            warnings.warn(f"kernel {name!r} is not available for {dtype} on {device.type}; using 'plain'", stacklevel=2)
         return "plain"
     allowed = list(candidates or KERNELS)
     candidates = [k for k in allowed if available(k, dtype, device)]

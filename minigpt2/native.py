@@ -137,13 +137,17 @@ def _build_dir() -> Path:
 
 
 def _compiler() -> tuple[str, str] | None:
-    """The C compiler and its version line, or None."""
+    """The C compiler and its version line, or None (with a warning where ``$CC`` names one that
+    does not run: the user asked for it)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None
     try:
         out = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, ValueError, subprocess.SubprocessError):
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        if os.environ.get("CC"):
+            warnings.warn(f"CC={cc!r} does not run ({type(e).__name__}); the native kernel is not built and decoding "
+                          f"uses the other kernels", stacklevel=3)  # fmt: skip
         return None
     return cc, (out.stdout.splitlines() or [""])[0]
 
@@ -221,7 +225,7 @@ def library() -> Library | None:
         # A file cut short (a full disk, a partial copy of the cache) must not reach dlopen: the
         # loader maps it and dies of SIGBUS reading past its end, with no message. Build it again.
         if not _complete_elf(path) and not _compile(cc, path):
-            warnings.warn(f"minigpt2: building the native kernel with {cc!r} into {path.parent} failed; decoding uses "
+            warnings.warn(f"building the native kernel with {cc!r} into {path.parent} failed; decoding uses "
                           f"the other kernels (MINIGPT2_NATIVE=0 skips the attempt)", stacklevel=2)  # fmt: skip
             return None
         try:

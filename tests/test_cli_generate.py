@@ -313,3 +313,16 @@ def test_a_bad_checkpoint_setting_fails_before_the_prompt_is_echoed(ckpt: tuple[
         captured = capsys.readouterr()
         assert captured.out == ""  # nothing echoed before the error
         assert_one_line_error(captured.err, "top_p")
+
+
+def test_a_bad_kernel_setting_fails_before_the_prompt_is_echoed(ckpt: tuple[Path, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """MINIGPT2_KERNEL=bogus: one usage error naming the variable and the kernels, nothing printed
+    first (it used to stream the prompt, then fail at the first kernel choice)."""
+    d, _ = ckpt
+    monkeypatch.setenv("MINIGPT2_KERNEL", "bogus")
+    assert main(["generate", PROMPT, "--model", str(d), "--max-new-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert_one_line_error(captured.err, "MINIGPT2_KERNEL='bogus'", "native")

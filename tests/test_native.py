@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,6 +175,32 @@ def test_without_the_native_kernel_the_others_serve(
     assert kernels.choose("no native", mats, 1) == "plain"
     assert "native" not in seen[-1] and ("numpy" in seen[-1]) == kernels.available("numpy", torch.float32)
     assert not (tmp_path / "c3" / "native").exists() or not any((tmp_path / "c3" / "native").glob("*.so"))
+
+
+def test_a_cc_that_does_not_run_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """$CC set to a compiler that is not there: a warning naming it (the user asked for it), no
+    library; without $CC and without a compiler on PATH: nothing to say."""
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(UserWarning, match="CC='/nonexistent/cc' does not run"):
+        assert native._compiler() is None
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native._compiler() is None
+
+
+def test_a_forced_kernel_that_is_unavailable_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forcing a kernel this dtype has not here falls back to plain with one warning per process,
+    not one per choice (the blocks and the unembedding each asked)."""
+    monkeypatch.setattr(kernels, "_warned_unavailable", set())
+    monkeypatch.setattr(kernels, "available", lambda name, dtype, device="cpu": name == "plain")
+    mats = [(torch.randn(8, 4), None)]
+    with kernels.force("mkldnn"):
+        with pytest.warns(UserWarning, match="kernel 'mkldnn' is not available") as record:
+            assert kernels.choose("blocks", mats, 1) == "plain"
+            assert kernels.choose("unembed", mats, 1) == "plain"
+    assert len([w for w in record if "is not available" in str(w.message)]) == 1
 
 
 @needs_native

@@ -60,9 +60,14 @@ def add_model_args(p: argparse.ArgumentParser, *, dtype: bool = True, model_requ
 def load_model_and_tokenizer(args: argparse.Namespace):  # noqa: ANN201 - (GPT2, Tokenizer)
     """The model and tokenizer named by --model / --device / --dtype (and --compile where a
     command has it)."""
+    from .. import kernels
     from ..model import GPT2
     from ..tokenizer import Tokenizer
 
+    try:  # a bad MINIGPT2_KERNEL: say so now, not after the prompt was printed
+        kernels.forced()
+    except ValueError as e:
+        raise CLIError(str(e), code=2) from None
     model = GPT2.from_pretrained(args.model, device=args.device, dtype=getattr(args, "dtype", None),
                                  compile=getattr(args, "compile", False))  # fmt: skip
     return model, Tokenizer.from_pretrained(args.model)
