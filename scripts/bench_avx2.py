@@ -11,8 +11,10 @@ such a CPU) instead of for this host. Every other argument goes to scripts/bench
 
 What it cannot emulate: the other host's clock, caches and memory bandwidth, and the peers
 (ONNX Runtime and llama.cpp pick their kernels from the CPU itself: leave them out with
-``--skip-peers``, or read their rows as AVX-512 figures). Set ``MINIGPT2_CACHE_DIR`` to a fresh
-directory, so that no kernel decision measured without the emulation is reused.
+``--skip-peers``, or read their rows as AVX-512 figures). Kernel decisions are cached per CPU
+model, not per instruction set: unless ``MINIGPT2_CACHE_DIR`` is set, the script uses a fresh
+temporary directory, so that it neither reuses decisions measured without the emulation nor
+leaves its own in the user's cache.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
 os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
 os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
+if not os.environ.get("MINIGPT2_CACHE_DIR"):
+    os.environ["MINIGPT2_CACHE_DIR"] = tempfile.mkdtemp(prefix="minigpt2-avx2-")
 
 import torch  # noqa: E402  (after the variables above, which torch reads when it loads)
 
@@ -38,7 +43,8 @@ def main() -> int:
         return 1
     native.FLAGS = tuple("-march=x86-64-v3" if f == "-march=native" else f for f in native.FLAGS)
     print(f"# emulating an AVX2 host: torch {torch.backends.cpu.get_cpu_capability()}, oneDNN without bf16, "
-          f"native library built with {' '.join(native.FLAGS)}", flush=True)  # fmt: skip
+          f"native library built with {' '.join(native.FLAGS)}; kernel decisions in {os.environ['MINIGPT2_CACHE_DIR']}",
+          flush=True)  # fmt: skip
     sys.argv = [str(Path(__file__).with_name("bench.py")), *sys.argv[1:]]
     runpy.run_path(sys.argv[0], run_name="__main__")
     return 0
