@@ -487,8 +487,10 @@ class Decoder:
         and with the numpy kernel always inside ``_on``: outside it OpenBLAS's and torch's
         thread pools spin against each other (a 5-token check of gpt2-large's shape took 16x a
         one-token step that way)."""
-        threads = None if ids.numel() > kernels.ROWS else self._threads(ids.shape[0])
-        if ids.numel() > kernels.ROWS or (threads is None and not self.numpy_step):
+        if ids.numel() > kernels.ROWS:
+            return self._forward(ids, positions, mask, cache, last_only)
+        threads = self._threads(ids.shape[0])
+        if threads is None and not self.numpy_step:
             return self._forward(ids, positions, mask, cache, last_only)
         # Only one-token steps teach StepThreads a step's time: a short prompt (up to kernels.ROWS
         # tokens) or a check of several drafts can take several steps' time, which would read as

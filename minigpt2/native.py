@@ -412,6 +412,7 @@ class DecodeStep:
         self._scales = (ctypes.c_float * len(scales))(*scales)
         a = self.args = _StepArgs()
         a.dtype, a.C, a.inner, a.n_layer, a.vocab, a.n_positions = DTYPES[dtype], C, inner, len(layers), V, wpe.shape[0]
+        a.n_head = n_head
         a.wte, a.wpe = wte.data_ptr(), wpe.data_ptr()
         a.unembed = None if unembed is None else unembed.data_ptr()
         self.unembeds = unembed is not None
@@ -467,7 +468,7 @@ class DecodeStep:
         write_positions = None if write_positions is None else write_positions.contiguous()
         out = torch.empty(B, self.vocab) if self.unembeds else torch.empty(B, self.args.C, dtype=self.dtype)
         a = self.args
-        a.B, a.n_head = B, kv.shape[3]
+        a.B = B
         a.ids, a.positions, a.position_rows = ids.data_ptr(), positions.data_ptr(), positions.shape[0]
         a.kv, a.max_len, a.past = kv.data_ptr(), kv.shape[4], past
         a.kv_l, a.kv_kv, a.kv_b, a.kv_h, a.kv_s = kv.stride()[:5]
