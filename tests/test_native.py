@@ -43,12 +43,14 @@ def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("out_f, in_f", [(24, 40), (20, 64), (8, 16), (37, 200), (3, 5), (2304, 768), (64, 1600)])
+@pytest.mark.parametrize("out_f, in_f", [(24, 40), (20, 64), (8, 16), (37, 200), (3, 5), (2304, 768), (64, 1600), (5, 3001)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 11, 64])
 def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: int, rows: int) -> None:
     """x W^T + b for inputs short of, and with tails past, the unrolled vectors (gpt2-xl's 1600
-    included), one or two rows of x (the one-row kernel) and more (groups of rows: 3, 6 + 5, 8 x 8); fp32 within fp32 rounding of the sum, half precision rounded
-    once from an fp32 sum."""
+    included), one or two rows of x (the one-row kernel) and more (groups of rows: 3, 6 + 5, 8 x
+    8), a group's rows of x in one piece or, past what L1 holds, in pieces of the input (1600 at
+    11 and 64 rows; 3001 with a tail in its last piece); fp32 within fp32 rounding of the sum,
+    half precision rounded once from an fp32 sum."""
     if dtype not in LIB.dtypes:
         pytest.skip(f"this build does not serve {dtype} (no F16C)")
     g = torch.Generator().manual_seed(out_f * 1000 + in_f + rows)
