@@ -82,7 +82,7 @@ CLEAR = 0.10
 SAMPLES = 3
 #: Part of every cache key: raised when the rule that settles a decision changes, so that
 #: decisions an older rule settled (possibly under load) are measured again.
-DECISIONS_VERSION = 3  # 3: the native kernel joined the candidates
+DECISIONS_VERSION = 4  # 3: the native kernel joined the candidates; 4: its batch tiles got faster (bf16 dot products)
 
 #: After the first timed round, a candidate this many times slower than the fastest is not
 #: timed further; one ABSURD times slower than the fastest is cut short in the warm-up
@@ -95,8 +95,10 @@ ABSURD = 30.0
 ROWS = 64
 
 #: Rows of x up to which the native kernel's GEMV serves half-precision products where torch's
-#: half GEMM is native (more go to that GEMM; see _native_linear).
+#: half GEMM is native (more go to that GEMM; see _native_linear); DOT_ROWS for bf16 where the
+#: native kernel has AVX512_BF16's dot products.
 NATIVE_ROWS = 2
+DOT_ROWS = 16
 
 ENV_KERNEL = "MINIGPT2_KERNEL"
 ENV_CACHE_DIR = "MINIGPT2_CACHE_DIR"
@@ -217,8 +219,14 @@ def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.
     # GEMM is native (oneDNN), it takes more rows than NATIVE_ROWS (a short prompt, a draft
     # check) on the same [out, in] copy: for GPT-2's 48 block matrices here, 16 rows in 9.2 ms
     # against 23.4 on the GEMV (1 row: 4.2 GEMV, 6.8 GEMM). In fp32, torch's GEMM on this
-    # layout is slower than the GEMV up to 64 rows (MKL: 31.9 against 24.3 ms at 16 rows).
-    gemm_rows = NATIVE_ROWS if dtype in HALF and native_half(dtype) else ROWS
+    # layout is slower than the GEMV up to 64 rows (MKL: 31.9 against 24.3 ms at 16 rows). bf16
+    # on AVX512_BF16's dot products (lib.bf16_dot) keeps up to DOT_ROWS: the same 48 matrices,
+    # AMD EPYC Zen 5, 8 rows 4.5 ms (torch's GEMM 9.5, oneDNN's prepacked 4.7), 16 rows 8.6
+    # (11.2, 5.7), 32 rows 22.9 (15.9, 9.1).
+    if dtype in HALF and native_half(dtype):
+        gemm_rows = DOT_ROWS if dtype == torch.bfloat16 and lib.bf16_dot else NATIVE_ROWS
+    else:
+        gemm_rows = ROWS
 
     def mm(x: torch.Tensor, _keep: tuple = (weight, bias)) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":

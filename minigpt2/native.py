@@ -89,6 +89,8 @@ class Library:
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
         self.lanes = int(lib.minigpt2_lanes())  # fp32 lanes of a vector: 16 (AVX-512), 8 (AVX2), 1 (C)
+        # bf16 products of 3 or more rows on AVX512_BF16's dot products (decode.c's rows_bf16_dp)
+        self.bf16_dot = bool(lib.minigpt2_bf16_dot())
         mask = int(lib.minigpt2_dtypes())
         self.dtypes = {dt for dt, code in DTYPES.items() if mask >> code & 1}
         fn = lib.minigpt2_linear

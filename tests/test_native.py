@@ -73,7 +73,8 @@ def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: in
                           rtol=0, atol=2 * torch.finfo(dtype).eps * scale + 1e-6)  # fmt: skip
     assert pl.weight.data_ptr() == w.data_ptr() and pl.extra_bytes == 0
     direct = native.linear(x, w, b, LIB)  # always the GEMV
-    if dtype == torch.float32 or rows <= kernels.NATIVE_ROWS or not kernels.native_half(dtype):
+    gemv_rows = kernels.DOT_ROWS if dtype == torch.bfloat16 and LIB.bf16_dot else kernels.NATIVE_ROWS
+    if dtype == torch.float32 or rows <= gemv_rows or not kernels.native_half(dtype):
         assert torch.equal(direct, got)
     else:  # more rows of native half precision went to torch's GEMM: the same sums, other rounding order
         assert ((direct.double() - want).abs() <= torch.finfo(dtype).eps * want.abs() + 1e-5 * scale).all()
@@ -396,12 +397,12 @@ def test_a_bad_cached_library_is_built_again(tmp_path: Path, monkeypatch: pytest
     assert path.stat().st_mode & 0o755 == 0o755
 
 
-@pytest.mark.parametrize("march", ["x86-64", "x86-64-v2", "ivybridge", "x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v2", "ivybridge", "x86-64-v3", "x86-64-v4", "x86-64-v4 -mavx512bf16"])
 def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> None:
     """What other hosts' -march=native gives: plain C (no AVX), F16C without AVX2 (Ivy Bridge),
-    AVX2 + FMA, AVX-512; each build compiles without warnings and reports its vector width and
-    dtypes (fp16 only with F16C); where this CPU can run it, its products and attention are
-    right."""
+    AVX2 + FMA, AVX-512, AVX-512 with bf16 dot products (Zen 4 and later, Sapphire Rapids); each
+    build compiles without warnings and reports its vector width, dtypes (fp16 only with F16C)
+    and bf16 dot products; where this CPU can run it, its products and attention are right."""
     import ctypes
     import subprocess
 
@@ -409,18 +410,21 @@ def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> No
     if built is None:
         pytest.skip("no C compiler here")
     out = tmp_path / f"{march}.so"
-    flags = [f"-march={march}" if f == "-march=native" else f for f in native.FLAGS]
+    flags = [g for f in native.FLAGS for g in (f"-march={march}".split() if f == "-march=native" else [f])]
     cmd = [*native.shlex.split(built[0]), *flags, "-Wall", "-Wextra", "-Werror", str(native.SOURCE), "-o", str(out), "-lm"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     lib = ctypes.CDLL(str(out))
     lanes, dtypes = lib.minigpt2_lanes(), lib.minigpt2_dtypes()
-    assert lanes == {"x86-64": 1, "x86-64-v2": 1, "ivybridge": 1, "x86-64-v3": 8, "x86-64-v4": 16}[march]
+    assert lanes == {"x86-64": 1, "x86-64-v2": 1, "ivybridge": 1, "x86-64-v3": 8}.get(march, 16)
     assert dtypes & 0b011 == 0b011 and bool(dtypes & 0b100) == (march != "x86-64" and march != "x86-64-v2")
+    assert lib.minigpt2_bf16_dot() == ("avx512bf16" in march)
     # Where this CPU can run the build, its products against float64 (a host of that level runs
     # these paths: this one may not otherwise): one row, and groups of rows (3; 7 + 7)
     needs = {"x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},
              "ivybridge": {"avx", "f16c"}}.get(march, set())  # fmt: skip
+    if "avx512bf16" in march:
+        needs = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"}
     if not needs <= set(native._cpu_flags().split()):
         return
     fn = lib.minigpt2_linear

@@ -158,6 +158,42 @@ static inline float vsum(vec a) { return a; }
             acc[g] += s;                                                                         \
         }                                                                                        \
     }
+/* out[(r - r0) N + n] = row r of W . x[n] for r0 <= r < r1, by tiles (TILE##g: g rows of x of
+ * type XT at a time): the rows of x in groups of equal size (11: 6 + 5), the input in pieces
+ * when a group's rows of x would not fit in X_L1 bytes */
+#define DEFINE_TILED(NAME, WT, XT, TILE)                                                         \
+    static void NAME(const WT *w, long r0, long r1, const XT *x, long N, long in, float *out) {  \
+        long groups = (N + G - 1) / G, widest = (N + groups - 1) / groups;                      \
+        long chunks = (widest * in * (long)sizeof(XT) + X_L1 - 1) / X_L1;                        \
+        long kb = ((in + chunks - 1) / chunks + 31) / 32 * 32;                                   \
+        for (long i = 0; i < (r1 - r0) * N; i++) out[i] = 0.0f;                                  \
+        for (long k0 = 0; k0 < in; k0 += kb) {                                                   \
+            long kn = in - k0 < kb ? in - k0 : kb;                                               \
+            /* prefetch TILE_PREFETCH bytes ahead in the order the rows are read: */             \
+            long pf = kn == in ? TILE_PREFETCH                                                   \
+                               : (TILE_PREFETCH + kn * (long)sizeof(WT) - 1) / (kn * (long)sizeof(WT)) * in * (long)sizeof(WT); \
+            for (long r = r0; r < r1; r++) {                                                     \
+                const WT *wr = w + r * in + k0;                                                  \
+                float *o = out + (r - r0) * N;                                                   \
+                for (long n = 0, k = 0; k < groups; k++) {                                       \
+                    long g = (N - n + groups - k - 1) / (groups - k);                            \
+                    const XT *xn = x + n * in + k0;                                              \
+                    long p = n == 0 ? pf : 0;                                                    \
+                    switch (g) {                                                                 \
+                    case 1: TILE##1(wr, xn, in, kn, p, o + n); break;                            \
+                    case 2: TILE##2(wr, xn, in, kn, p, o + n); break;                            \
+                    case 3: TILE##3(wr, xn, in, kn, p, o + n); break;                            \
+                    case 4: TILE##4(wr, xn, in, kn, p, o + n); break;                            \
+                    case 5: TILE##5(wr, xn, in, kn, p, o + n); break;                            \
+                    case 6: TILE##6(wr, xn, in, kn, p, o + n); break;                            \
+                    case 7: TILE##7(wr, xn, in, kn, p, o + n); break;                            \
+                    default: TILE##8(wr, xn, in, kn, p, o + n); break;                           \
+                    }                                                                            \
+                    n += g;                                                                      \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    }
 #define DEFINE_ROW(NAME, WT, VLOAD, SLOAD)                                                       \
     DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 1)                                                \
     DEFINE_TILE(NAME##_tile, WT, VLOAD, SLOAD, 2)                                                \
@@ -186,41 +222,13 @@ static inline float vsum(vec a) { return a; }
             acc[n] = s;                                                                          \
         }                                                                                        \
     }                                                                                            \
+    DEFINE_TILED(NAME##_tiled, WT, float, NAME##_tile)                                           \
     static void NAME##_rows(const WT *w, long r0, long r1, const float *x, long N, long in, float *out) { \
         if (W == 1 || N < TILE_MIN) {                                                            \
             for (long r = r0; r < r1; r++) NAME(w + r * in, x, N, in, out + (r - r0) * N);       \
             return;                                                                              \
         }                                                                                        \
-        long groups = (N + G - 1) / G, widest = (N + groups - 1) / groups;                      \
-        long chunks = (widest * in * (long)sizeof(float) + X_L1 - 1) / X_L1;                     \
-        long kb = ((in + chunks - 1) / chunks + 31) / 32 * 32;                                   \
-        for (long i = 0; i < (r1 - r0) * N; i++) out[i] = 0.0f;                                  \
-        for (long k0 = 0; k0 < in; k0 += kb) {                                                   \
-            long kn = in - k0 < kb ? in - k0 : kb;                                               \
-            /* prefetch TILE_PREFETCH bytes ahead in the order the rows are read: */             \
-            long pf = kn == in ? TILE_PREFETCH                                                   \
-                               : (TILE_PREFETCH + kn * (long)sizeof(WT) - 1) / (kn * (long)sizeof(WT)) * in * (long)sizeof(WT); \
-            for (long r = r0; r < r1; r++) {                                                     \
-                const WT *wr = w + r * in + k0;                                                  \
-                float *o = out + (r - r0) * N;                                                   \
-                for (long n = 0, k = 0; k < groups; k++) { /* equal sizes (11: 6 + 5) */         \
-                    long g = (N - n + groups - k - 1) / (groups - k);                            \
-                    const float *xn = x + n * in + k0;                                           \
-                    long p = n == 0 ? pf : 0;                                                    \
-                    switch (g) {                                                                 \
-                    case 1: NAME##_tile1(wr, xn, in, kn, p, o + n); break;                       \
-                    case 2: NAME##_tile2(wr, xn, in, kn, p, o + n); break;                       \
-                    case 3: NAME##_tile3(wr, xn, in, kn, p, o + n); break;                       \
-                    case 4: NAME##_tile4(wr, xn, in, kn, p, o + n); break;                       \
-                    case 5: NAME##_tile5(wr, xn, in, kn, p, o + n); break;                       \
-                    case 6: NAME##_tile6(wr, xn, in, kn, p, o + n); break;                       \
-                    case 7: NAME##_tile7(wr, xn, in, kn, p, o + n); break;                       \
-                    default: NAME##_tile8(wr, xn, in, kn, p, o + n); break;                      \
-                    }                                                                            \
-                    n += g;                                                                      \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
+        NAME##_tiled(w, r0, r1, x, N, in, out);                                                  \
     }
 
 static inline float id_f32(float v) { return v; }
@@ -230,11 +238,51 @@ DEFINE_ROW(row_bf16, uint16_t, vload_bf16, bf16_f32)
 DEFINE_ROW(row_f16, uint16_t, vload_f16, f16_f32)
 #endif
 
+#if defined(__AVX512BF16__)
+/* bf16 weights against bf16 rows of x (a bf16 model's activations are bf16 values already) by
+ * AVX512_BF16's dot products (vdpbf16ps): each lane adds two exact bf16 products to its fp32
+ * sum per instruction, 32 weights a vector, so a tile does twice the multiply-adds per
+ * instruction of the fp32 one and loads x at half the bytes. (Inputs and sums below 2^-126
+ * count as 0 there, as the instruction defines.) */
+#define HAS_DPBF16 1
+#define DEFINE_DPTILE(GG)                                                                        \
+    static inline void dp_tile##GG(const uint16_t *w, const uint16_t *x, long ldx, long in, long pf, float *acc) { \
+        __m512 a[GG];                                                                            \
+        for (int g = 0; g < GG; g++) a[g] = _mm512_setzero_ps();                                 \
+        long i = 0;                                                                              \
+        for (; i + 32 <= in; i += 32) {                                                          \
+            if (pf) __builtin_prefetch((const char *)(w + i) + pf, 0, 0);                        \
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i);                                   \
+            for (int g = 0; g < GG; g++)                                                         \
+                a[g] = _mm512_dpbf16_ps(a[g], wv, (__m512bh)_mm512_loadu_si512(x + g * ldx + i)); \
+        }                                                                                        \
+        for (int g = 0; g < GG; g++) {                                                           \
+            float s = _mm512_reduce_add_ps(a[g]);                                                \
+            for (long j = i; j < in; j++) s += bf16_f32(w[j]) * bf16_f32(x[g * ldx + j]);        \
+            acc[g] += s;                                                                         \
+        }                                                                                        \
+    }
+DEFINE_DPTILE(1)
+DEFINE_DPTILE(2)
+DEFINE_DPTILE(3)
+DEFINE_DPTILE(4)
+DEFINE_DPTILE(5)
+DEFINE_DPTILE(6)
+DEFINE_DPTILE(7)
+DEFINE_DPTILE(8)
+DEFINE_TILED(rows_bf16_dp, uint16_t, uint16_t, dp_tile)
+#else
+#define HAS_DPBF16 0
+#endif
+
 /* Which dtypes this build serves: bit d set for dtype code d (F32, BF16, F16). */
 int minigpt2_dtypes(void) { return (1 << F32) | (1 << BF16) | (HAS_F16 << F16); }
 
 /* The vector width in fp32 lanes this build was compiled for (16: AVX-512, 8: AVX2, 1: C). */
 int minigpt2_lanes(void) { return W; }
+
+/* 1 where bf16 products of TILE_MIN or more rows run on AVX512_BF16's dot products (rows_bf16_dp) */
+int minigpt2_bf16_dot(void) { return HAS_DPBF16; }
 
 static inline float in_f32(int dtype, const void *p, long i) {
     if (dtype == F32) return ((const float *)p)[i];
@@ -254,13 +302,19 @@ static inline void store(int dtype, void *y, long i, float v) {
 #endif
 }
 
-/* out[(r - r0) N + n] = row r of W [out, in] . x[n] for r0 <= r < r1 and the N (<= 64) rows of x */
-static inline void rows_any(int dtype, const void *w, long r0, long r1, const float *x, long N, long in, float *out) {
+/* out[(r - r0) N + n] = row r of W [out, in] . x[n] for r0 <= r < r1 and the N (<= 64) rows of
+ * x; xh: NULL, or x as bf16 (exactly: a bf16 model's activations), for the bf16 dot products */
+static inline void rows_any(int dtype, const void *w, long r0, long r1, const float *x, const uint16_t *xh, long N,
+                            long in, float *out) {
     if (dtype == F32) row_f32_rows((const float *)w, r0, r1, x, N, in, out);
+#if HAS_DPBF16
+    else if (dtype == BF16 && xh && N >= TILE_MIN) rows_bf16_dp((const uint16_t *)w, r0, r1, xh, N, in, out);
+#endif
     else if (dtype == BF16) row_bf16_rows((const uint16_t *)w, r0, r1, x, N, in, out);
 #if HAS_F16
     else row_f16_rows((const uint16_t *)w, r0, r1, x, N, in, out);
 #endif
+    (void)xh;
 }
 
 /* n floats rounded up to whole 64-byte lines, and an allocation of n floats that starts on one:
@@ -306,7 +360,7 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
             long re = rb + RB < r1 ? rb + RB : r1;
             for (long n0 = 0; n0 < N; n0 += 64) {
                 long nn = N - n0 < 64 ? N - n0 : 64;
-                rows_any(dtype, w, rb, re, xf + n0 * in, nn, in, acc);
+                rows_any(dtype, w, rb, re, xf + n0 * in, dtype == BF16 ? (const uint16_t *)x + n0 * in : NULL, nn, in, acc);
                 for (long o = rb; o < re; o++) {
                     float bias = bias_at(dtype, b, o);
                     for (long n = 0; n < nn; n++) store(dtype, y, (n0 + n) * out + o, acc[(o - rb) * nn + n] + bias);
@@ -566,9 +620,9 @@ static inline float rnd(int dtype, float v) {
 }
 
 /* out[n] = LayerNorm(x[n]) for N rows of C: mean and variance in fp32 (two passes), the
- * output rounded to dtype */
+ * output rounded to dtype (and, with outh, also written there as bf16) */
 static void layer_norm_rows(int dtype, const float *x, long N, long C, const void *w, const void *b, float eps,
-                            float *out) {
+                            float *out, uint16_t *outh) {
     for (long n = 0; n < N; n++) {
         const float *xn = x + n * C;
         float *on = out + n * C;
@@ -593,6 +647,8 @@ static void layer_norm_rows(int dtype, const float *x, long N, long C, const voi
         } else {
             for (i = 0; i < C; i++) on[i] = rnd(dtype, (xn[i] - mean) * rstd * in_f32(dtype, w, i) + in_f32(dtype, b, i));
         }
+        if (outh)
+            for (i = 0; i < C; i++) outh[n * C + i] = f32_bf16(on[i]);
     }
 }
 
@@ -613,11 +669,17 @@ int minigpt2_decode_step(const step_args *a) {
     int nt = omp_get_max_threads();
     /* x (the residual stream), q, attention out, MLP activation; then each thread's layer norm,
      * scores, head output and sums: each on its own 64-byte lines */
-    size_t shared = 3 * round_lines(B * C) + round_lines(B * inner);
-    size_t per = round_lines(B * C) + round_lines(S) + round_lines(hs) + RB * (size_t)B;
+    /* with the bf16 dot products: the products' inputs (attention out, MLP activation, each
+     * thread's layer norm) also as bf16, in as many floats as hold them */
+    const int dp = HAS_DPBF16 && dtype == BF16 && B >= TILE_MIN;
+    const size_t hC = dp ? round_lines((B * C + 1) / 2) : 0, hI = dp ? round_lines((B * inner + 1) / 2) : 0;
+    size_t shared = 3 * round_lines(B * C) + round_lines(B * inner) + hC + hI;
+    size_t per = round_lines(B * C) + round_lines(S) + round_lines(hs) + RB * (size_t)B + hC;
     float *buf = alloc_floats(shared + (size_t)nt * per);
     if (!buf) return -2;
-    float *x = buf, *q = x + round_lines(B * C), *att = q + round_lines(B * C), *fc = att + round_lines(B * C), *priv = fc + round_lines(B * inner);
+    float *x = buf, *q = x + round_lines(B * C), *att = q + round_lines(B * C), *fc = att + round_lines(B * C);
+    uint16_t *atth = dp ? (uint16_t *)(fc + round_lines(B * inner)) : NULL, *fch = dp ? (uint16_t *)(fc + round_lines(B * inner) + hC) : NULL;
+    float *priv = fc + round_lines(B * inner) + hC + hI;
     for (long n = 0; n < B; n++) {
         long id = (long)a->ids[n], p = (long)a->positions[a->position_rows == 1 ? 0 : n];
         for (long i = 0; i < C; i++) x[n * C + i] = rnd(dtype, in_f32(dtype, a->wte, id * C + i) + in_f32(dtype, a->wpe, p * C + i));
@@ -627,13 +689,14 @@ int minigpt2_decode_step(const step_args *a) {
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
         float *ln = priv + (size_t)t * per, *sc = ln + round_lines(B * C), *o = sc + round_lines(S), *acc = o + round_lines(hs);
+        uint16_t *lnh = dp ? (uint16_t *)(acc + RB * B) : NULL;
         for (long l = 0; l < L; l++) {
             const void *const *P = a->params + l * PER_LAYER;
             /* ln_1 (each thread its own copy: no barrier), q|k|v: k and v straight into the cache */
-            layer_norm_rows(dtype, x, B, C, P[LN1_W], P[LN1_B], a->eps, ln);
+            layer_norm_rows(dtype, x, B, C, P[LN1_W], P[LN1_B], a->eps, ln, lnh);
             for (long rb = 3 * C * t / T, hi = 3 * C * (t + 1) / T, re; rb < hi; rb = re) { /* this thread's rows, RB at a time */
                 re = rb + RB < hi ? rb + RB : hi;
-                rows_any(dtype, P[ATTN_W], rb, re, ln, B, C, acc);
+                rows_any(dtype, P[ATTN_W], rb, re, ln, lnh, B, C, acc);
                 for (long r = rb; r < re; r++) {
                     const float *ar = acc + (r - rb) * B;
                     float bias = bias_at(dtype, P[ATTN_B], r);
@@ -656,10 +719,12 @@ int minigpt2_decode_step(const step_args *a) {
                                    a->mask ? a->mask + n * S : NULL, S, hs, a->scales[l], sc, o);
                 float inv = 1.0f / sum; /* sum == 0: every key masked, NaN, as torch's softmax gives */
                 for (long d = 0; d < hs; d++) att[n * C + h * hs + d] = sum == 0.0f ? NAN : rnd(dtype, o[d] * inv);
+                if (atth)
+                    for (long d = 0; d < hs; d++) atth[n * C + h * hs + d] = f32_bf16(att[n * C + h * hs + d]);
             } /* (the loop's implicit barrier: the projection reads every head) */
             for (long rb = C * t / T, hi = C * (t + 1) / T, re; rb < hi; rb = re) {
                 re = rb + RB < hi ? rb + RB : hi;
-                rows_any(dtype, P[APROJ_W], rb, re, att, B, C, acc);
+                rows_any(dtype, P[APROJ_W], rb, re, att, atth, B, C, acc);
                 for (long r = rb; r < re; r++) {
                     const float *ar = acc + (r - rb) * B;
                     float bias = bias_at(dtype, P[APROJ_B], r);
@@ -667,11 +732,11 @@ int minigpt2_decode_step(const step_args *a) {
                 }
             }
 #pragma omp barrier
-            layer_norm_rows(dtype, x, B, C, P[LN2_W], P[LN2_B], a->eps, ln);
+            layer_norm_rows(dtype, x, B, C, P[LN2_W], P[LN2_B], a->eps, ln, lnh);
             const long f0 = inner * t / T, f1 = inner * (t + 1) / T;
             for (long rb = f0, re; rb < f1; rb = re) {
                 re = rb + RB < f1 ? rb + RB : f1;
-                rows_any(dtype, P[FC_W], rb, re, ln, B, C, acc);
+                rows_any(dtype, P[FC_W], rb, re, ln, lnh, B, C, acc);
                 for (long r = rb; r < re; r++) {
                     const float *ar = acc + (r - rb) * B;
                     float bias = bias_at(dtype, P[FC_B], r);
@@ -683,11 +748,13 @@ int minigpt2_decode_step(const step_args *a) {
                 gelu_span(f + f0, f1 - f0);
                 if (dtype != F32)
                     for (long r = f0; r < f1; r++) f[r] = rnd(dtype, f[r]);
+                if (fch)
+                    for (long r = f0; r < f1; r++) fch[n * inner + r] = f32_bf16(f[r]);
             }
 #pragma omp barrier
             for (long rb = C * t / T, hi = C * (t + 1) / T, re; rb < hi; rb = re) {
                 re = rb + RB < hi ? rb + RB : hi;
-                rows_any(dtype, P[MPROJ_W], rb, re, fc, B, inner, acc);
+                rows_any(dtype, P[MPROJ_W], rb, re, fc, fch, B, inner, acc);
                 for (long r = rb; r < re; r++) {
                     const float *ar = acc + (r - rb) * B;
                     float bias = bias_at(dtype, P[MPROJ_B], r);
@@ -696,11 +763,11 @@ int minigpt2_decode_step(const step_args *a) {
             }
 #pragma omp barrier
         }
-        layer_norm_rows(dtype, x, B, C, a->lnf_w, a->lnf_b, a->eps, ln);
+        layer_norm_rows(dtype, x, B, C, a->lnf_w, a->lnf_b, a->eps, ln, lnh);
         if (a->unembed) {
             for (long rb = V * t / T, hi = V * (t + 1) / T, re; rb < hi; rb = re) {
                 re = rb + RB < hi ? rb + RB : hi;
-                rows_any(dtype, a->unembed, rb, re, ln, B, C, acc);
+                rows_any(dtype, a->unembed, rb, re, ln, lnh, B, C, acc);
                 for (long r = rb; r < re; r++)
                     for (long n = 0; n < B; n++) a->logits[n * V + r] = rnd(dtype, acc[(r - rb) * B + n]);
             }
