@@ -334,10 +334,12 @@ static inline float bias_at(int dtype, const void *b, long o) { return b ? in_f3
 int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void *y, long N, long out, long in) {
     if (dtype < 0 || dtype > F16 || !((minigpt2_dtypes() >> dtype) & 1)) return -1;
     if (N <= 0 || out <= 0) return 0;
-    /* x in fp32 (half-precision x widened exactly), one copy per call */
+    /* x in fp32 (half-precision x widened exactly), one copy per call; none where every piece
+     * of 64 rows runs on the bf16 dot products, which read x as it is */
+    const int dp = HAS_DPBF16 && dtype == BF16 && (N - 1) % 64 + 1 >= TILE_MIN;
     const float *xf = (const float *)x;
     float *xbuf = NULL;
-    if (dtype != F32) {
+    if (dtype != F32 && !dp) {
         xbuf = alloc_floats((size_t)(N * in));
         if (!xbuf) return -2;
         for (long i = 0; i < N * in; i++) xbuf[i] = in_f32(dtype, x, i);
@@ -360,7 +362,7 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
             long re = rb + RB < r1 ? rb + RB : r1;
             for (long n0 = 0; n0 < N; n0 += 64) {
                 long nn = N - n0 < 64 ? N - n0 : 64;
-                rows_any(dtype, w, rb, re, xf + n0 * in, dtype == BF16 ? (const uint16_t *)x + n0 * in : NULL, nn, in, acc);
+                rows_any(dtype, w, rb, re, dp ? NULL : xf + n0 * in, dp ? (const uint16_t *)x + n0 * in : NULL, nn, in, acc);
                 for (long o = rb; o < re; o++) {
                     float bias = bias_at(dtype, b, o);
                     for (long n = 0; n < nn; n++) store(dtype, y, (n0 + n) * out + o, acc[(o - rb) * nn + n] + bias);
@@ -668,9 +670,9 @@ int minigpt2_decode_step(const step_args *a) {
     }
     int nt = omp_get_max_threads();
     /* x (the residual stream), q, attention out, MLP activation; then each thread's layer norm,
-     * scores, head output and sums: each on its own 64-byte lines */
-    /* with the bf16 dot products: the products' inputs (attention out, MLP activation, each
-     * thread's layer norm) also as bf16, in as many floats as hold them */
+     * scores, head output and sums: each on its own 64-byte lines. With the bf16 dot products,
+     * the products' inputs (attention out, MLP activation, each thread's layer norm) as bf16
+     * too, in as many floats as hold them. */
     const int dp = HAS_DPBF16 && dtype == BF16 && B >= TILE_MIN;
     const size_t hC = dp ? round_lines((B * C + 1) / 2) : 0, hI = dp ? round_lines((B * inner + 1) / 2) : 0;
     size_t shared = 3 * round_lines(B * C) + round_lines(B * inner) + hC + hI;
