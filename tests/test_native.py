@@ -49,8 +49,8 @@ def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: in
     """x W^T + b for inputs short of, and with tails past, the unrolled vectors (gpt2-xl's 1600
     included), one or two rows of x (the one-row kernel) and more (groups of rows: 3, 6 + 5, 8 x
     8), a group's rows of x in one piece or, past what L1 holds, in pieces of the input (1600 at
-    11 and 64 rows; 3001 with a tail in its last piece); fp32 within fp32 rounding of the sum,
-    half precision rounded once from an fp32 sum."""
+    11 rows in fp32, at 64 rows in every dtype; 3001 with a tail in its last piece); fp32 within
+    fp32 rounding of the sum, half precision rounded once from an fp32 sum."""
     if dtype not in LIB.dtypes:
         pytest.skip(f"this build does not serve {dtype} (no F16C)")
     g = torch.Generator().manual_seed(out_f * 1000 + in_f + rows)
@@ -88,6 +88,12 @@ def test_native_linear_checks_its_arguments() -> None:
         with pytest.raises(ValueError):
             native.linear(*args, LIB)
     torch.testing.assert_close(native.linear(x.t().contiguous().t(), w, None, LIB), x @ w.t(), rtol=1e-5, atol=1e-5)
+    # no inputs: y is the bias, for one row and for a group of rows (the grouped path once
+    # divided by a zero count of input pieces there: SIGFPE)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1, 3, 9):
+            got = native.linear(torch.empty(rows, 0, dtype=dtype), torch.empty(6, 0, dtype=dtype), b.to(dtype), LIB)
+            assert torch.equal(got, b.to(dtype).expand(rows, 6))
 
 
 @needs_native
@@ -563,6 +569,36 @@ def test_decode_step_is_the_op_by_op_step(make_checkpoint, monkeypatch: pytest.M
     assert len(calls) == 6 and caches[0].length == caches[1].length == T + 6
     k0, k1 = caches[0].kv.float(), caches[1].kv.float()
     assert (k0 - k1).abs().max().item() <= _half_ulps(dtype) * k0.abs().max().item()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_batch_tiles_in_pieces_match_the_models_forward(make_checkpoint, monkeypatch: pytest.MonkeyPatch,
+                                                                     dtype: torch.dtype) -> None:  # fmt: skip
+    """Eight rows through a 2048-wide MLP: the step's batch tiles cut mlp.c_proj's input in
+    pieces (8 rows of 2048 inputs are past the 24 KB of x a tile keeps in L1, in fp32 and in
+    bf16) and add up their sums. The logits of whole C steps match the model's own forward over
+    the same tokens (torch's products; the step test above compares against op-by-op steps on the
+    same native kernel): fp32 within fp32 rounding, bf16 within its noise, where a lost or doubled
+    piece is off by the size of the logits."""
+    model = _step_model(make_checkpoint, dtype, n_inner=2048)
+    B, T, V = 8, 5, model.config.vocab_size
+    ids = torch.randint(0, V, (B, T + 3), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = native.DecodeStep.__call__
+    monkeypatch.setattr(native.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    with kernels.force("native"), torch.inference_mode():
+        dec = fast.decoder(model, B)
+        assert dec is not None and dec.native_step is not None
+        cache = model.make_cache(B, T + 3)
+        dec(ids[:, :T], torch.arange(T)[None], None, cache)
+        got = [dec(ids[:, i : i + 1], torch.tensor([[i]]), None, cache) for i in range(T, T + 3)]
+    assert len(calls) == 3
+    with kernels.force("plain"), torch.inference_mode():
+        want = model(ids)[:, T:]
+    for i, g in enumerate(got):
+        tol = (1e-5 if dtype == torch.float32 else 0.05) * want[:, i].abs().max().item()
+        assert (g - want[:, i]).abs().max().item() <= tol, f"step {i}"
 
 
 @needs_native

@@ -129,8 +129,9 @@ static inline float vsum(vec a) { return a; }
  * on L2), so past X_L1 bytes the input is cut in pieces, each piece of every row of this block
  * of W in turn, the sums added up over the pieces; and a prefetch farther ahead than the one-row
  * loop's (a row of W takes several times longer to go through). Whole decode steps at batch 8,
- * same-process A/B with the aligned buffers below: AVX2 build fp32 19.7 -> 15.3 ms, bf16 15.4
- * -> 11.9; AVX-512 build fp32 25.8 -> 16.9, bf16 16.1 -> 8.6.
+ * same-process A/B, these two and the aligned buffers below together: AVX2 build fp32 19.7 ->
+ * 15.3 ms, bf16 15.4 -> 11.9; AVX-512 build fp32 25.8 -> 16.9, bf16 16.1 -> 8.7 (7.6 with the
+ * bf16 dot products further down, which replace these tiles for bf16 where the CPU has them).
  * Builds without vectors keep the one-row loop (its U accumulators: a scalar one a row of x
  * would sum 1600 products in one chain). */
 #define U 8
@@ -164,7 +165,7 @@ static inline float vsum(vec a) { return a; }
 #define DEFINE_TILED(NAME, WT, XT, TILE)                                                         \
     static void NAME(const WT *w, long r0, long r1, const XT *x, long N, long in, float *out) {  \
         long groups = (N + G - 1) / G, widest = (N + groups - 1) / groups;                      \
-        long chunks = (widest * in * (long)sizeof(XT) + X_L1 - 1) / X_L1;                        \
+        long chunks = (widest * in * (long)sizeof(XT) + X_L1 - 1) / X_L1 + (in == 0);            \
         long kb = ((in + chunks - 1) / chunks + 31) / 32 * 32;                                   \
         for (long i = 0; i < (r1 - r0) * N; i++) out[i] = 0.0f;                                  \
         for (long k0 = 0; k0 < in; k0 += kb) {                                                   \
@@ -334,10 +335,11 @@ static inline float bias_at(int dtype, const void *b, long o) { return b ? in_f3
 int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void *y, long N, long out, long in) {
     if (dtype < 0 || dtype > F16 || !((minigpt2_dtypes() >> dtype) & 1)) return -1;
     if (N <= 0 || out <= 0) return 0;
-    /* x in fp32 (half-precision x widened exactly), one copy per call; none where every piece
-     * of 64 rows runs on the bf16 dot products, which read x as it is */
+    /* x in fp32 (half-precision x widened exactly), one copy per call. Pieces of 64 rows (and a
+     * last one of 3 or more) run on the bf16 dot products where the build has them, reading x as
+     * it is: no copy when every piece does. */
     const int dp = HAS_DPBF16 && dtype == BF16 && (N - 1) % 64 + 1 >= TILE_MIN;
-    const float *xf = (const float *)x;
+    const float *xf = dp ? NULL : (const float *)x;
     float *xbuf = NULL;
     if (dtype != F32 && !dp) {
         xbuf = alloc_floats((size_t)(N * in));
@@ -362,7 +364,7 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
             long re = rb + RB < r1 ? rb + RB : r1;
             for (long n0 = 0; n0 < N; n0 += 64) {
                 long nn = N - n0 < 64 ? N - n0 : 64;
-                rows_any(dtype, w, rb, re, dp ? NULL : xf + n0 * in, dp ? (const uint16_t *)x + n0 * in : NULL, nn, in, acc);
+                rows_any(dtype, w, rb, re, xf ? xf + n0 * in : NULL, dtype == BF16 ? (const uint16_t *)x + n0 * in : NULL, nn, in, acc);
                 for (long o = rb; o < re; o++) {
                     float bias = bias_at(dtype, b, o);
                     for (long n = 0; n < nn; n++) store(dtype, y, (n0 + n) * out + o, acc[(o - rb) * nn + n] + bias);
