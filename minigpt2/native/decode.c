@@ -656,6 +656,21 @@ static void layer_norm_rows(int dtype, const float *x, long N, long C, const voi
     }
 }
 
+/* x[n] += W in[n] + b (each sum rounded to dtype, then the addition) for thread t's share of
+ * the C outputs: attn.c_proj and mlp.c_proj adding into the residual stream; acc: RB x B floats */
+static void add_projection(int dtype, const void *w, const void *b, const float *in, const uint16_t *inh, long n_in,
+                           float *x, long B, long C, int t, int T, float *acc) {
+    for (long rb = C * t / T, hi = C * (t + 1) / T, re; rb < hi; rb = re) {
+        re = rb + RB < hi ? rb + RB : hi;
+        rows_any(dtype, w, rb, re, in, inh, B, n_in, acc);
+        for (long r = rb; r < re; r++) {
+            const float *ar = acc + (r - rb) * B;
+            float bias = bias_at(dtype, b, r);
+            for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, ar[n] + bias));
+        }
+    }
+}
+
 /* Returns 0; -1 for a dtype this build does not serve, -2 when out of memory, -3 for sizes it
  * does not take (B outside 1..64, C not n_head x head size, the cache full, a write position
  * outside 0..past), -4 for a token id or position outside the embeddings. */
@@ -726,15 +741,7 @@ int minigpt2_decode_step(const step_args *a) {
                 if (atth)
                     for (long d = 0; d < hs; d++) atth[n * C + h * hs + d] = f32_bf16(att[n * C + h * hs + d]);
             } /* (the loop's implicit barrier: the projection reads every head) */
-            for (long rb = C * t / T, hi = C * (t + 1) / T, re; rb < hi; rb = re) {
-                re = rb + RB < hi ? rb + RB : hi;
-                rows_any(dtype, P[APROJ_W], rb, re, att, atth, B, C, acc);
-                for (long r = rb; r < re; r++) {
-                    const float *ar = acc + (r - rb) * B;
-                    float bias = bias_at(dtype, P[APROJ_B], r);
-                    for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, ar[n] + bias));
-                }
-            }
+            add_projection(dtype, P[APROJ_W], P[APROJ_B], att, atth, C, x, B, C, t, T, acc);
 #pragma omp barrier
             layer_norm_rows(dtype, x, B, C, P[LN2_W], P[LN2_B], a->eps, ln, lnh);
             const long f0 = inner * t / T, f1 = inner * (t + 1) / T;
@@ -756,15 +763,7 @@ int minigpt2_decode_step(const step_args *a) {
                     for (long r = f0; r < f1; r++) fch[n * inner + r] = f32_bf16(f[r]);
             }
 #pragma omp barrier
-            for (long rb = C * t / T, hi = C * (t + 1) / T, re; rb < hi; rb = re) {
-                re = rb + RB < hi ? rb + RB : hi;
-                rows_any(dtype, P[MPROJ_W], rb, re, fc, fch, B, inner, acc);
-                for (long r = rb; r < re; r++) {
-                    const float *ar = acc + (r - rb) * B;
-                    float bias = bias_at(dtype, P[MPROJ_B], r);
-                    for (long n = 0; n < B; n++) x[n * C + r] = rnd(dtype, x[n * C + r] + rnd(dtype, ar[n] + bias));
-                }
-            }
+            add_projection(dtype, P[MPROJ_W], P[MPROJ_B], fc, fch, inner, x, B, C, t, T, acc);
 #pragma omp barrier
         }
         layer_norm_rows(dtype, x, B, C, a->lnf_w, a->lnf_b, a->eps, ln, lnh);
