@@ -165,7 +165,7 @@ static inline float vsum(vec a) { return a; }
 #define DEFINE_TILED(NAME, WT, XT, TILE)                                                         \
     static void NAME(const WT *w, long r0, long r1, const XT *x, long N, long in, float *out) {  \
         long groups = (N + G - 1) / G, widest = (N + groups - 1) / groups;                      \
-        long chunks = (widest * in * (long)sizeof(XT) + X_L1 - 1) / X_L1 + (in == 0);            \
+        long chunks = (widest * in * (long)sizeof(XT) + X_L1 - 1) / X_L1 + (in == 0); /* >= 1 */ \
         long kb = ((in + chunks - 1) / chunks + 31) / 32 * 32;                                   \
         for (long i = 0; i < (r1 - r0) * N; i++) out[i] = 0.0f;                                  \
         for (long k0 = 0; k0 < in; k0 += kb) {                                                   \
