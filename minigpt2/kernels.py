@@ -514,16 +514,36 @@ def decision_key(role: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtyp
 @dataclass
 class Sample:
     """One measurement: best seconds per pass of each candidate, how noisy it was (the
-    largest ratio of a candidate's median round to its best round), and whether every
-    candidate was timed through every round (none dropped as hopeless or cut short)."""
+    largest ratio of a candidate's median round to its best round), whether every
+    candidate was timed through every round (none dropped as hopeless or cut short), and
+    whether other work held the cores in every round (``crowded``: see :func:`crowded`)."""
 
     seconds: dict[str, float]
     noise: float
     complete: bool = True
+    crowded: bool = False
 
     def to_json(self) -> dict:
         return {"seconds_per_pass": self.seconds, "noise": round(self.noise, 4), "complete": self.complete,
-                "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+                "crowded": self.crowded, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+
+
+def crowded() -> bool:
+    """Whether more tasks are runnable on this host right now than this process has cores
+    (the running count of /proc/loadavg, which counts this thread and torch's spinning
+    workers too); False where that count is not available.
+
+    Why: a measurement taken while other work holds the cores slows every candidate alike,
+    so its rounds agree (low noise) and it would settle a decision. A new user's trial here,
+    with a test suite running beside it, measured every kernel ~15x slower at noise 1.07.
+    """
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    except (OSError, ValueError, IndexError):
+        return False
+    return running > cores
 
 
 def decide(samples: Sequence[dict], candidates: Sequence[str]) -> tuple[str, bool]:
@@ -532,9 +552,9 @@ def decide(samples: Sequence[dict], candidates: Sequence[str]) -> tuple[str, boo
     Each candidate's time is its best over all samples (other processes only ever add
     time, so the minimum is the kernel's own speed, and more samples only sharpen it); the
     first candidate (cheapest first) within TIE of the fastest wins. Settled when there are
-    SAMPLES samples, or when the newest one was quiet (noise <= QUIET), complete (every
-    candidate timed in every round: see time_passes) and clear (the winner ahead of every
-    other candidate that is not tied with it by more than CLEAR).
+    SAMPLES samples, or when the newest one was quiet (noise <= QUIET, and not crowded),
+    complete (every candidate timed in every round: see time_passes) and clear (the winner
+    ahead of every other candidate that is not tied with it by more than CLEAR).
     """
     best_t: dict[str, float] = {}
     for s in samples:
@@ -550,7 +570,7 @@ def decide(samples: Sequence[dict], candidates: Sequence[str]) -> tuple[str, boo
     t = newest["seconds_per_pass"]
     rivals = [t[k] for k in ranked if k in t and t[k] > fastest * (1 + TIE)]
     clear = all(r >= min(t.values()) * (1 + CLEAR) for r in rivals)
-    quiet = newest.get("noise", float("inf")) <= QUIET and newest.get("complete", True)
+    quiet = newest.get("noise", float("inf")) <= QUIET and newest.get("complete", True) and not newest.get("crowded")
     return best, quiet and clear
 
 
@@ -676,6 +696,8 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
     a candidate is dropped only after two timed rounds, one cut short in the warm-up is
     tried once more after the rounds, and a sample in which any candidate was dropped or cut
     is ``complete=False``: it is used, but it cannot settle a decision by itself (decide).
+    Likewise a sample ``crowded`` in every round (:func:`crowded`: other work held the cores
+    throughout, slowing every candidate alike).
     """
     clock = time.perf_counter
 
@@ -694,7 +716,9 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
     cut = [k for k in fns if k not in live]
     best = {k: [float("inf")] * len(xs) for k in live}
     totals: dict[str, list[float]] = {k: [] for k in live}
+    crowd = []
     for r in range(max(rounds, 2)):
+        crowd.append(crowded())
         for k in live:
             per = best[k]
             total = 0.0
@@ -713,7 +737,7 @@ def time_passes(fns: dict[str, list[Callable]], xs: Sequence[torch.Tensor], roun
     fastest_pass = min(seconds[k] for k in best)
     for k in cut:
         seconds[k] = min(seconds[k], one_pass(k, ABSURD * fastest_pass))
-    return Sample(seconds, noise, complete=not cut and len(live) == len(best))
+    return Sample(seconds, noise, complete=not cut and len(live) == len(best), crowded=all(crowd))
 
 
 def choose_rows(

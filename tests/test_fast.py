@@ -667,6 +667,34 @@ def test_a_load_burst_on_the_good_candidates_does_not_settle_a_wrong_kernel() ->
     assert kernels.decide([entry], ["other", "good"]) == ("good", False)
 
 
+def test_a_sample_measured_while_other_work_holds_the_cores_does_not_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other work on every core slows every candidate alike: the rounds agree (a new user's
+    trial beside a test run measured every kernel ~15x slower at noise 1.07) and the sample
+    looked quiet. Now a sample crowded in every round (more runnable tasks than cores) is used
+    but settles nothing by itself; crowded in some rounds only, it may."""
+    import io
+    import time
+
+    x = [torch.randn(1, 64)]
+    fns = {"good": [lambda t: time.sleep(0.002)], "other": [lambda t: time.sleep(0.004)]}
+    rounds = iter([True] * 10)
+    monkeypatch.setattr(kernels, "crowded", lambda: next(rounds))
+    s = kernels.time_passes(fns, x, rounds=3)
+    assert s.crowded and s.complete
+    entry = s.to_json()
+    assert entry["crowded"] is True and kernels.decide([entry], ["good", "other"]) == ("good", False)
+    quiet = dict(entry, crowded=False, noise=1.0)
+    assert kernels.decide([quiet], ["good", "other"]) == ("good", True)  # the same sample, uncrowded: settled
+    rounds = iter([True, False, True])
+    assert not kernels.time_passes(fns, x, rounds=3).crowded
+    # crowded() reads the running count of /proc/loadavg against this process's cores
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for text, want in (("0.5 0.4 0.3 2/80 999", False), ("3.1 2.0 1.0 5/80 999", True), ("garbled", False)):
+        monkeypatch.setattr(kernels, "open", lambda *a, text=text, **k: io.StringIO(text), raising=False)
+        assert kernels.crowded() is want, text
+
+
 def test_measuring_leaves_the_global_rng_alone(pair) -> None:
     """The first generate measures kernels; seeded sampling must not notice."""
     model, _ = pair
