@@ -95,7 +95,7 @@ ABSURD = 30.0
 ROWS = 64
 
 #: Rows of x up to which the native kernel's GEMV serves half-precision products where torch's
-#: half GEMM is native (more go to that GEMM; see _native_linear); DOT_ROWS for bf16 where the
+#: half GEMM is native (more go to that GEMM; see native_rows); DOT_ROWS for bf16 where the
 #: native kernel has AVX512_BF16's dot products.
 NATIVE_ROWS = 2
 DOT_ROWS = 16
@@ -204,6 +204,23 @@ def _numpy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[
     return mm
 
 
+def native_rows(dtype: torch.dtype, lib: native.Library) -> int:
+    """Rows of x up to which the native kernel's own product serves ``dtype``; more go to
+    torch's GEMM on the same [out, in] weight.
+
+    The kernel is a GEMV: each row of x is its own pass of dot products. Where torch's half
+    GEMM is native (oneDNN), it takes more rows than NATIVE_ROWS (a short prompt, a draft
+    check): for GPT-2's 48 block matrices here, 16 rows in 9.2 ms against 23.4 on the GEMV (1
+    row: 4.2 GEMV, 6.8 GEMM). In fp32, torch's GEMM on this layout is slower than the GEMV up
+    to 64 rows (MKL: 31.9 against 24.3 ms at 16 rows). bf16 on AVX512_BF16's dot products
+    (``lib.bf16_dot``) keeps up to DOT_ROWS: the same 48 matrices, AMD EPYC Zen 5, 8 rows 4.5 ms
+    (torch's GEMM 9.5, oneDNN's prepacked 4.7), 16 rows 8.6 (11.2, 5.7), 32 rows 22.9 (15.9, 9.1).
+    """
+    if dtype in HALF and native_half(dtype):
+        return DOT_ROWS if dtype == torch.bfloat16 and lib.bf16_dot else NATIVE_ROWS
+    return ROWS
+
+
 def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.Library) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (N, in) -> x @ W^T + b (N, out) by the native kernel (native.linear's checks, with the
     constant arguments bound once: decoding calls it 49 times a token). The closure keeps the
@@ -215,18 +232,7 @@ def _native_linear(weight: torch.Tensor, bias: torch.Tensor | None, lib: native.
     bias = None if bias is None else bias.contiguous()
     fn, code, dtype = lib.fn, native.DTYPES[weight.dtype], weight.dtype
     w_ptr, b_ptr = weight.data_ptr(), None if bias is None else bias.data_ptr()
-    # The kernel is a GEMV: each row of x is its own pass of dot products. Where torch's half
-    # GEMM is native (oneDNN), it takes more rows than NATIVE_ROWS (a short prompt, a draft
-    # check) on the same [out, in] copy: for GPT-2's 48 block matrices here, 16 rows in 9.2 ms
-    # against 23.4 on the GEMV (1 row: 4.2 GEMV, 6.8 GEMM). In fp32, torch's GEMM on this
-    # layout is slower than the GEMV up to 64 rows (MKL: 31.9 against 24.3 ms at 16 rows). bf16
-    # on AVX512_BF16's dot products (lib.bf16_dot) keeps up to DOT_ROWS: the same 48 matrices,
-    # AMD EPYC Zen 5, 8 rows 4.5 ms (torch's GEMM 9.5, oneDNN's prepacked 4.7), 16 rows 8.6
-    # (11.2, 5.7), 32 rows 22.9 (15.9, 9.1).
-    if dtype in HALF and native_half(dtype):
-        gemm_rows = DOT_ROWS if dtype == torch.bfloat16 and lib.bf16_dot else NATIVE_ROWS
-    else:
-        gemm_rows = ROWS
+    gemm_rows = native_rows(dtype, lib)
 
     def mm(x: torch.Tensor, _keep: tuple = (weight, bias)) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != n_in or x.device.type != "cpu":

@@ -73,8 +73,7 @@ def test_native_product_against_float64(dtype: torch.dtype, out_f: int, in_f: in
                           rtol=0, atol=2 * torch.finfo(dtype).eps * scale + 1e-6)  # fmt: skip
     assert pl.weight.data_ptr() == w.data_ptr() and pl.extra_bytes == 0
     direct = native.linear(x, w, b, LIB)  # always the GEMV
-    gemv_rows = kernels.DOT_ROWS if dtype == torch.bfloat16 and LIB.bf16_dot else kernels.NATIVE_ROWS
-    if dtype == torch.float32 or rows <= gemv_rows or not kernels.native_half(dtype):
+    if rows <= kernels.native_rows(dtype, LIB):
         assert torch.equal(direct, got)
     else:  # more rows of native half precision went to torch's GEMM: the same sums, other rounding order
         assert ((direct.double() - want).abs() <= torch.finfo(dtype).eps * want.abs() + 1e-5 * scale).all()

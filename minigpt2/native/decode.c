@@ -303,13 +303,16 @@ static inline void store(int dtype, void *y, long i, float v) {
 #endif
 }
 
+/* Whether N rows of x in dtype run on the bf16 dot products (which read x as bf16) */
+static inline int on_dot(int dtype, long N) { return HAS_DPBF16 && dtype == BF16 && N >= TILE_MIN; }
+
 /* out[(r - r0) N + n] = row r of W [out, in] . x[n] for r0 <= r < r1 and the N (<= 64) rows of
- * x; xh: NULL, or x as bf16 (exactly: a bf16 model's activations), for the bf16 dot products */
+ * x; xh: x as bf16 (exactly: a bf16 model's activations) where on_dot, else unused (NULL) */
 static inline void rows_any(int dtype, const void *w, long r0, long r1, const float *x, const uint16_t *xh, long N,
                             long in, float *out) {
     if (dtype == F32) row_f32_rows((const float *)w, r0, r1, x, N, in, out);
 #if HAS_DPBF16
-    else if (dtype == BF16 && xh && N >= TILE_MIN) rows_bf16_dp((const uint16_t *)w, r0, r1, xh, N, in, out);
+    else if (on_dot(dtype, N)) rows_bf16_dp((const uint16_t *)w, r0, r1, xh, N, in, out);
 #endif
     else if (dtype == BF16) row_bf16_rows((const uint16_t *)w, r0, r1, x, N, in, out);
 #if HAS_F16
@@ -338,7 +341,7 @@ int minigpt2_linear(int dtype, const void *w, const void *b, const void *x, void
     /* x in fp32 (half-precision x widened exactly), one copy per call. Pieces of 64 rows (and a
      * last one of 3 or more) run on the bf16 dot products where the build has them, reading x as
      * it is: no copy when every piece does. */
-    const int dp = HAS_DPBF16 && dtype == BF16 && (N - 1) % 64 + 1 >= TILE_MIN;
+    const int dp = on_dot(dtype, (N - 1) % 64 + 1); /* (the last piece is the shortest) */
     const float *xf = dp ? NULL : (const float *)x;
     float *xbuf = NULL;
     if (dtype != F32 && !dp) {
@@ -690,7 +693,7 @@ int minigpt2_decode_step(const step_args *a) {
      * scores, head output and sums: each on its own 64-byte lines. With the bf16 dot products,
      * the products' inputs (attention out, MLP activation, each thread's layer norm) as bf16
      * too, in as many floats as hold them. */
-    const int dp = HAS_DPBF16 && dtype == BF16 && B >= TILE_MIN;
+    const int dp = on_dot(dtype, B);
     const size_t hC = dp ? round_lines((B * C + 1) / 2) : 0, hI = dp ? round_lines((B * inner + 1) / 2) : 0;
     size_t shared = 3 * round_lines(B * C) + round_lines(B * inner) + hC + hI;
     size_t per = round_lines(B * C) + round_lines(S) + round_lines(hs) + RB * (size_t)B + hC;
