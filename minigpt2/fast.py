@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as _module_hooks
 
-from . import kernels, native
+from . import hugepages, kernels, native
 from .kernels import PreparedLinear
 
 if TYPE_CHECKING:
@@ -192,6 +192,9 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
     blocks = _sources(model)[0]
     role = f"blocks n_embd={c.n_embd} inner={c.inner_dim}"
     with torch.no_grad():
+        # The kernels read the unembedding in place (or copy it): on huge pages, as the copies
+        # made below are (hugepages.py; once moved, this costs nothing again).
+        hugepages.collapse([E])
         # Decide on enough blocks to stream from memory (all blocks share their shapes), and
         # on the unembedding; then how the block matrices take many rows (a prompt).
         sample = _sample(blocks)
@@ -220,13 +223,16 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
         # gpt2-xl fp32 from numpy's copies to oneDNN's peaked at 19.5 GB instead of 14.2).
         _prepared.pop(model, None)
         p = None
-        prepared = [PreparedLinear(block_kernel, w, b, bucket, block_inner) for w, b in blocks]
+        if block_kernel == "plain":  # addmm reads the parameters themselves
+            hugepages.collapse([w for w, _ in blocks])
+        arena = hugepages.Arena()  # every copy of this set in one: they are freed together
+        prepared = [PreparedLinear(block_kernel, w, b, bucket, block_inner, arena) for w, b in blocks]
         p = _Prepared(
             batch=bucket,
             block_kernel=block_kernel,
             unembed_kernel=unembed_kernel,
             blocks=prepared,
-            unembed=PreparedLinear(unembed_kernel, E, None, bucket, unembed_inner),
+            unembed=PreparedLinear(unembed_kernel, E, None, bucket, unembed_inner, arena),
             rows_kernel=rows_kernel,
             choice=(block_kernel, block_inner, unembed_kernel, unembed_inner, rows_kernel),
             rows=[_rows_mm(rows_kernel, pl, w, b) for pl, (w, b) in zip(prepared, blocks)],

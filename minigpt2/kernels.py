@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from . import native
+from . import hugepages, native
 
 #: The candidates, in order of preference when measurements tie (plain costs no memory;
 #: upcast costs the most; native before numpy: the same copies, and no second thread pool).
@@ -82,7 +82,7 @@ CLEAR = 0.10
 SAMPLES = 3
 #: Part of every cache key: raised when the rule that settles a decision changes, so that
 #: decisions an older rule settled (possibly under load) are measured again.
-DECISIONS_VERSION = 4  # 3: the native kernel joined the candidates; 4: its batch tiles got faster (bf16 dot products)
+DECISIONS_VERSION = 5  # 3: the native kernel joined the candidates; 4: its batch tiles got faster (bf16 dot products); 5: copies on huge pages
 
 #: After the first timed round, a candidate this many times slower than the fastest is not
 #: timed further; one ABSURD times slower than the fastest is cut short in the warm-up
@@ -117,12 +117,14 @@ class PreparedLinear:
     ``weight_out_in`` is the matrix as [out, in] (for Conv1D a transposed view of its
     [in, out] parameter, for the unembedding the embedding itself): only ``prepare`` copies.
     Whether the source weights changed since is fast.py's business (it keys the whole set).
-    ``mm`` takes x as (N, in) and returns (N, out) in the weights' dtype.
+    The copies a kernel keeps go into ``arena`` if given (hugepages.Arena: on 2 MiB pages, which
+    the kernels stream faster), else into torch's memory. ``mm`` takes x as (N, in) and
+    returns (N, out) in the weights' dtype.
     """
 
     def __init__(
         self, kernel: str, weight_out_in: torch.Tensor, bias: torch.Tensor | None, batch_size: int,
-        inner: str | None = None,
+        inner: str | None = None, arena: hugepages.Arena | None = None,
     ) -> None:  # fmt: skip
         self.kernel = kernel
         self.pool = "numpy" if kernel == "numpy" else "torch"  # whose threads run the product
@@ -136,13 +138,13 @@ class PreparedLinear:
         elif kernel == "transposed":
             # (in, out) again, but in the memory layout the parameter is NOT stored in.
             wt = w.t()
-            self.weight = wt.contiguous() if not wt.is_contiguous() else w.contiguous().t()
+            self.weight = _contiguous(wt, arena) if not wt.is_contiguous() else _contiguous(w, arena).t()
             self.extra_bytes = w.numel() * w.element_size()
         elif kernel == "mkldnn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_size)  # opaque
             self.extra_bytes = w.numel() * w.element_size()
         elif kernel == "numpy":
-            self.weight = w.contiguous()  # (out, in): each output a dot product over contiguous memory
+            self.weight = _contiguous(w, arena)  # (out, in): each output a dot product over contiguous memory
             self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else w.numel() * w.element_size()
             self.mm = _numpy_linear(self.weight, b)
             return
@@ -150,7 +152,7 @@ class PreparedLinear:
             lib = native.library()
             if lib is None or w.dtype not in lib.dtypes or w.device.type != "cpu":
                 raise ValueError(f"kernel 'native' is not available for {w.dtype} on {w.device.type} here")
-            self.weight = w.contiguous()  # (out, in): each thread streams its rows in order
+            self.weight = _contiguous(w, arena)  # (out, in): each thread streams its rows in order
             self.bias = None if b is None else b.contiguous()  # (what fast.py's whole native step reads too)
             self.extra_bytes = 0 if self.weight.data_ptr() == w.data_ptr() else w.numel() * w.element_size()
             self.mm = _native_linear(self.weight, self.bias, lib)
@@ -161,7 +163,11 @@ class PreparedLinear:
             # The fp32 copy, on the fp32 kernel ``inner`` (:func:`upcast_inner`: the one fp32
             # weights of this shape get), so bf16 never runs slower than the same model in fp32.
             inner = inner or default_upcast_inner(w.device)
-            self.fp32 = PreparedLinear(inner, w.float().contiguous(), None if b is None else b.float(), batch_size)
+            # (in the arena only where the inner kernel keeps this copy: oneDNN reorders it into
+            # a copy of its own, and a dead copy in an arena would keep its pages)
+            keeps = arena is not None and inner in ("native", "numpy")
+            w32 = arena.copy(w, torch.float32) if keeps else w.float().contiguous()
+            self.fp32 = PreparedLinear(inner, w32, None if b is None else b.float(), batch_size)
             self.pool, self.weight = self.fp32.pool, self.fp32.weight
             self.extra_bytes = w.numel() * 4  # the copy (or the inner kernel's own copy of it)
             dtype, fp32_mm = w.dtype, self.fp32.mm
@@ -202,6 +208,13 @@ def _numpy_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[
         return torch.from_numpy(y)
 
     return mm
+
+
+def _contiguous(w: torch.Tensor, arena: hugepages.Arena | None) -> torch.Tensor:
+    """``w`` itself if contiguous, else a contiguous copy: in ``arena`` (on huge pages) if given."""
+    if w.is_contiguous():
+        return w
+    return w.contiguous() if arena is None else arena.copy(w)
 
 
 def native_rows(dtype: torch.dtype, lib: native.Library) -> int:
@@ -674,7 +687,9 @@ def _sample(
     inner: str | None = None,
 ) -> Sample:
     with torch.no_grad():
-        fns = {k: [PreparedLinear(k, w, b, batch_size, inner).mm for w, b in matrices] for k in candidates}
+        # the copies on huge pages, as prepare makes them (one arena a candidate: freed with it)
+        fns = {k: [PreparedLinear(k, w, b, batch_size, inner, arena).mm for w, b in matrices]
+               for k, arena in ((k, hugepages.Arena()) for k in candidates)}  # fmt: skip
         return time_passes(fns, _inputs(matrices, batch_size), rounds)
 
 

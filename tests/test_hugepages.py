@@ -1,0 +1,216 @@
+"""Weight copies on huge pages (hugepages.py): the same values as torch's copies, where the
+kernel was asked to back them with 2 MiB pages, and generation unchanged by it."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt2 import GPT2, GPT2Config, fast, hugepages, kernels, native
+
+needs_thp = pytest.mark.skipif(
+    not hugepages.enabled(),
+    reason="no transparent huge pages here (not Linux, or THP never)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(kernels.ENV_KERNEL, raising=False)
+    monkeypatch.delenv(hugepages.ENV_HUGE_PAGES, raising=False)
+    monkeypatch.setattr(kernels, "_decisions", {})
+
+
+def _mapping(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding ``address``."""
+    fields: dict[str, str] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if (
+                "-" in head and ":" not in head
+            ):  # a mapping's first line: start-end perms ...
+                start, end = (int(x, 16) for x in head.split("-"))
+                if fields is not None:
+                    return fields
+                fields = {} if start <= address < end else None
+            elif fields is not None:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    if fields is None:
+        raise AssertionError(f"no mapping holds {address:#x}")
+    return fields
+
+
+def test_copies_equal_torch_copies_in_every_layout_and_dtype() -> None:
+    arena = hugepages.Arena()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(700, 900, generator=g)  # 2.5 MB
+    for src, dtype in (
+        (w.t(), None),
+        (w, None),
+        (w[:, ::2], None),
+        (w.bfloat16().t(), None),
+        (w.bfloat16(), torch.float32),
+    ):
+        out = arena.copy(src, dtype)
+        assert out.is_contiguous() and out.shape == src.shape
+        assert out.dtype == (dtype or src.dtype)
+        assert out.data_ptr() % hugepages.ALIGN == 0
+        assert torch.equal(out, src.to(out.dtype))
+        assert out.data_ptr() != src.data_ptr()
+    n = w.numel()
+    assert arena.huge_bytes == (
+        (4 * n + 4 * n + 4 * n // 2 + 2 * n + 4 * n) if hugepages.enabled() else 0
+    )
+
+
+def test_copies_do_not_overlap_and_outlive_the_arena(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        hugepages, "CHUNK", 4 << 20
+    )  # so the third copy opens a second chunk
+    arena = hugepages.Arena()
+    srcs = [torch.full((512, 768), float(i)).t() for i in range(3)]  # 1.5 MB each
+    outs = [arena.copy(s) for s in srcs]
+    del arena
+    for i, out in enumerate(outs):
+        out.add_(1)  # a copy written through must not reach another
+    for i, out in enumerate(outs):
+        assert torch.equal(out, torch.full((768, 512), i + 1.0))
+    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * 4) for o in outs)
+    assert all(
+        a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans)
+    )
+
+
+@needs_thp
+def test_copies_are_advised_onto_huge_pages() -> None:
+    arena = hugepages.Arena()
+    out = arena.copy(torch.randn(1024, 1024).t())
+    assert (
+        out.data_ptr() % hugepages.HUGE == 0
+    )  # the first copy opens a chunk: on a 2 MiB boundary
+    assert _mapping(out.data_ptr()).get("THPeligible") == "1"
+    assert (
+        "hg" in _mapping(out.data_ptr()).get("VmFlags", "").split()
+    )  # MADV_HUGEPAGE took
+
+
+def test_small_tensors_and_the_switch_use_torchs_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arena = hugepages.Arena()
+    small = torch.randn(100, 100).t()
+    out = arena.copy(small)
+    assert torch.equal(out, small) and out.is_contiguous() and arena.huge_bytes == 0
+    monkeypatch.setenv(hugepages.ENV_HUGE_PAGES, "off")
+    assert not hugepages.enabled()
+    big = torch.randn(1024, 1024).t()
+    out = arena.copy(big)
+    assert torch.equal(out, big) and arena.huge_bytes == 0
+    assert hugepages.collapse([torch.randn(1024, 1024)]) == 0
+
+
+def test_nothing_is_advised_where_madvise_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hugepages, "_madvise", lambda: None)  # as on macOS or Windows
+    assert not hugepages.enabled()
+    arena = hugepages.Arena()
+    big = torch.randn(1024, 1024).t()
+    assert torch.equal(arena.copy(big), big) and arena.huge_bytes == 0
+
+
+def test_collapse_keeps_values_and_addresses() -> None:
+    t = torch.randn(
+        4096, 1024
+    )  # 16 MB: several whole huge pages inside, wherever it starts
+    before, ptr = t.clone(), t.data_ptr()
+    done = hugepages.collapse([t, t])  # the same storage twice: advised once
+    assert t.data_ptr() == ptr and torch.equal(t, before)
+    start, nbytes = hugepages._aligned_span(t)
+    assert (
+        start % hugepages.HUGE == 0
+        and ptr <= start
+        and start + nbytes <= ptr + t.numel() * 4
+    )
+    assert nbytes >= 16 * 2**20 - 2 * hugepages.HUGE
+    assert done in (
+        0,
+        nbytes,
+    )  # 0 where the kernel is older than 6.1 or had no free huge page
+    if hugepages.enabled():
+        assert "hg" in _mapping(start).get("VmFlags", "").split()
+
+
+def test_collapse_skips_small_and_other_device_tensors() -> None:
+    assert hugepages.collapse([torch.randn(10, 10)]) == 0
+    assert hugepages.collapse([torch.randn(1024, 1024, device="meta")]) == 0
+
+
+def _model(dtype: torch.dtype) -> GPT2:
+    torch.manual_seed(0)
+    m = GPT2(
+        GPT2Config(
+            vocab_size=3000,
+            n_positions=128,
+            n_embd=256,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).eval()
+    with torch.no_grad():  # biases and norms off their zeros and ones
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m.to(dtype)
+
+
+@pytest.mark.skipif(
+    native.library() is None,
+    reason="no C compiler with OpenMP here: the native kernel is not built",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generation_is_the_same_with_and_without_huge_pages(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The native kernel's copies of the block matrices go into an arena; the tokens and scores
+    are those of the same kernel on torch's copies, bit for bit."""
+    ids = torch.randint(0, 3000, (2, 7), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(hugepages.ENV_HUGE_PAGES, switch)
+        model = _model(dtype)
+        with kernels.force("native"):
+            out = model.generate(
+                ids,
+                max_new_tokens=12,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            p = fast.prepare(model, 2)
+        assert p.block_kernel == "native"
+        copies = [pl.weight for pl in p.blocks]
+        assert all(c.is_contiguous() for c in copies)
+        if (
+            switch == "1" and hugepages.enabled()
+        ):  # (attn.c_proj's 256 x 256 is under MIN_BYTES)
+            big = [
+                c for c in copies if c.numel() * c.element_size() >= hugepages.MIN_BYTES
+            ]
+            assert len(big) >= 4 and all(
+                _mapping(c.data_ptr()).get("THPeligible") == "1" for c in big
+            )
+        runs[switch] = out
+    assert torch.equal(runs["1"].sequences, runs["0"].sequences)
+    for a, b in zip(runs["1"].scores, runs["0"].scores):
+        assert torch.equal(a, b)
