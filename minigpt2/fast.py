@@ -204,7 +204,9 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
         if block_pool == "numpy":  # a step runs on numpy's threads: the unembedding too
             unembed_kernel, unembed_inner = block_kernel, block_inner
         else:
-            torch_kernels = [k for k in kernels.KERNELS if k != "numpy"]
+            # native first: it reads the embedding in place as plain does (no copy either), and
+            # with it the C step ends with the unembedding instead of handing it to torch
+            torch_kernels = ["native"] + [k for k in kernels.KERNELS if k not in ("numpy", "native")]
             unembed_kernel = kernels.choose("unembed", [(E, None)], bucket, candidates=torch_kernels)
             unembed_inner = None
             if unembed_kernel == "upcast":
