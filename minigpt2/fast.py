@@ -193,7 +193,8 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
     role = f"blocks n_embd={c.n_embd} inner={c.inner_dim}"
     with torch.no_grad():
         # The kernels read the unembedding in place (or copy it): on huge pages, as the copies
-        # made below are (hugepages.py; once moved, this costs nothing again).
+        # made below are (hugepages.py; once moved, this costs nothing again). (The block
+        # parameters stay as they are: ``plain`` reads them in place, measured so below.)
         hugepages.collapse([E])
         # Decide on enough blocks to stream from memory (all blocks share their shapes), and
         # on the unembedding; then how the block matrices take many rows (a prompt).
@@ -225,8 +226,6 @@ def prepare(model: GPT2, batch_size: int) -> _Prepared:
         # gpt2-xl fp32 from numpy's copies to oneDNN's peaked at 19.5 GB instead of 14.2).
         _prepared.pop(model, None)
         p = None
-        if block_kernel == "plain":  # addmm reads the parameters themselves
-            hugepages.collapse([w for w, _ in blocks])
         arena = hugepages.Arena()  # every copy of this set in one: they are freed together
         prepared = [PreparedLinear(block_kernel, w, b, bucket, block_inner, arena) for w, b in blocks]
         p = _Prepared(

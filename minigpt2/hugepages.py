@@ -14,13 +14,19 @@ Linux gives an anonymous mapping huge pages on its own only where
 not advise, unless ``THP_MEM_ALLOC_ENABLE=1``). So:
 
 - :class:`Arena` makes the copies the fast path keeps (the native kernel's [out, in] copies of
-  the Conv1D weights, the ``transposed`` / ``numpy`` / ``upcast`` copies) in chunks of memory
-  advised ``MADV_HUGEPAGE`` before the first byte is written, 2 MiB-aligned, the copies packed
-  one after another (64-byte aligned), so every full 2 MiB of them is one huge page and at
-  most the last, partly used, page of a chunk is spare;
-- :func:`collapse` asks the kernel to move memory already written (a parameter the kernels read
-  in place, such as the tied unembedding) onto huge pages: ``MADV_COLLAPSE`` (Linux 6.1 or
-  newer) on the 2 MiB-aligned part of it. The contents and addresses do not change.
+  the Conv1D weights, the ``transposed`` / ``numpy`` / ``upcast`` copies) in chunks of fresh
+  anonymous memory (``mmap``, not torch's allocator, so nothing has written it yet, even with
+  torch's deterministic mode filling new tensors) advised ``MADV_HUGEPAGE`` before the first
+  byte is written, huge-page-aligned, the copies packed one after another (64-byte aligned), so
+  every whole huge page of them is one and at most the last, partly used, page of a chunk is
+  spare;
+- :func:`collapse` asks the kernel to move memory already written (the tied unembedding, which
+  the kernels read in place) onto huge pages: ``MADV_COLLAPSE`` (Linux 6.1 or newer) on the
+  2 MiB-aligned part of it. The contents and addresses do not change. Only for storages of
+  COLLAPSE_MIN_BYTES or more, which glibc's malloc maps on their own (a smaller one may sit in
+  the heap, where the advice would outlive it). The kernel compacts and copies synchronously
+  (about 0.4 s for 150 MB the first time here). After a ``fork``, a collapsed page is private
+  to the process that collapsed it (a copy-on-write page shared with the parent no longer is).
 
 Either is advice: where the kernel has no free huge page, refuses, or is not Linux, the memory
 stays on 4 KiB pages and everything works as before. ``MINIGPT2_HUGE_PAGES=0`` (or false / no /
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
 import sys
 from collections.abc import Sequence
@@ -38,14 +45,30 @@ from collections.abc import Sequence
 import torch
 
 ENV_HUGE_PAGES = "MINIGPT2_HUGE_PAGES"
-HUGE = 2 << 20  # bytes in a huge page (x86-64's PMD size)
-#: Bytes a chunk of an Arena reserves (address space only: pages exist once written).
+#: Bytes a chunk of an Arena reserves at most (address space: pages exist once written),
+#: unless one copy is larger; chunks start at FIRST_CHUNK and double.
 CHUNK = 256 << 20
+FIRST_CHUNK = 8 << 20
 #: Tensors smaller than this are copied as torch would (a small model's matrices sit in the caches).
 MIN_BYTES = 256 << 10
+#: Storages collapse() moves: glibc's malloc maps a request this large on its own (its mmap
+#: threshold is at most 32 MiB), so the advice dies with the storage.
+COLLAPSE_MIN_BYTES = 32 << 20
 ALIGN = 64  # bytes: each copy starts on a cache line
 MADV_HUGEPAGE = 14  # <linux/mman.h>
 MADV_COLLAPSE = 25
+
+
+@functools.cache
+def huge_page_bytes() -> int:
+    """The size of a transparent huge page here (2 MiB on x86-64; 32 or 512 MiB on arm64 with
+    16 or 64 KiB pages), from /sys/kernel/mm/transparent_hugepage/hpage_pmd_size; 2 MiB where
+    the file is missing."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
 
 
 @functools.cache
@@ -62,11 +85,13 @@ def _madvise() -> ctypes._CFuncPtr | None:
     return fn
 
 
+@functools.cache
 def _thp_mode() -> str | None:
     """The bracketed word of /sys/kernel/mm/transparent_hugepage/enabled (always, madvise,
     never), or None where the file is missing."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()  # noqa: SIM115
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
@@ -92,27 +117,30 @@ def _advise(start: int, nbytes: int, advice: int) -> bool:
 
 
 def _aligned_span(t: torch.Tensor) -> tuple[int, int]:
-    """The 2 MiB-aligned part of the memory of ``t``'s storage: (start address, bytes), bytes
-    0 when it holds no whole huge page."""
+    """The huge-page-aligned part of the memory of ``t``'s storage: (start address, bytes),
+    bytes 0 when it holds no whole huge page."""
+    huge = huge_page_bytes()
     s = t.untyped_storage()
     begin, end = s.data_ptr(), s.data_ptr() + s.nbytes()
-    start = -(-begin // HUGE) * HUGE
-    stop = end // HUGE * HUGE
+    start = -(-begin // huge) * huge
+    stop = end // huge * huge
     return start, max(0, stop - start)
 
 
 def collapse(tensors: Sequence[torch.Tensor]) -> int:
-    """Move the written memory of each CPU tensor onto huge pages in place, where the kernel
-    can (``MADV_HUGEPAGE``, then ``MADV_COLLAPSE``; Linux 6.1+), and return the bytes it
-    accepted. Values, addresses and storages are unchanged; tensors under MIN_BYTES, on
-    another device, or sharing one storage are advised once. The kernel copies the pages,
-    about 0.3 s per 100 MB the first time here (compacting free memory into 2 MiB runs),
-    ~0 once they are huge. Never raises: refused advice leaves the pages as they were."""
+    """Move the memory of each dense CPU tensor's storage onto huge pages in place, where the
+    kernel can (``MADV_HUGEPAGE``, then ``MADV_COLLAPSE``; Linux 6.1+), and return the bytes
+    it moved. Values, addresses, storages and version counters are unchanged. Skipped: other
+    devices and layouts, storages under COLLAPSE_MIN_BYTES, a storage already advised in this
+    call. Refused advice (an older kernel, no free huge pages, shared memory) leaves the pages
+    as they were and adds nothing to the count."""
     if not enabled():
         return 0
     done, seen = 0, set()
     for t in tensors:
-        if t.device.type != "cpu" or t.numel() * t.element_size() < MIN_BYTES:
+        if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
+            continue
+        if t.untyped_storage().nbytes() < COLLAPSE_MIN_BYTES:
             continue
         start, nbytes = _aligned_span(t)
         if nbytes == 0 or start in seen:
@@ -120,7 +148,7 @@ def collapse(tensors: Sequence[torch.Tensor]) -> int:
         seen.add(start)
         _advise(
             start, nbytes, MADV_HUGEPAGE
-        )  # keeps them huge (khugepaged) if the collapse fails
+        )  # khugepaged keeps them huge if the collapse fails
         if _advise(start, nbytes, MADV_COLLAPSE):
             done += nbytes
     return done
@@ -130,29 +158,33 @@ class Arena:
     """Contiguous copies of tensors packed into memory advised ``MADV_HUGEPAGE`` before it is
     written (see the module docstring).
 
-    Each copy is a view of a chunk (CHUNK bytes of address space, or the copy's size rounded up
-    to 2 MiB if larger); a chunk is freed when the last copy in it is. So give one arena to
-    copies that live and die together (one model's prepared weights, one measurement's
-    candidates): a short-lived copy next to long-lived ones would keep its pages. Where huge
-    pages are off (:func:`enabled`) or a tensor is under MIN_BYTES, :meth:`copy` copies into
-    torch's own memory.
+    Each copy is a view of a chunk; the first chunk reserves FIRST_CHUNK bytes of address
+    space, each next one as much as all before it (up to CHUNK), or the copy's size if larger,
+    so an arena reserves at most about twice what it holds. A chunk is freed when the last copy
+    in it is: give one arena to copies that live and die together (one model's prepared
+    weights, one measurement's candidates), since a short-lived copy next to long-lived ones
+    would keep its pages. Where huge pages are off (:func:`enabled`) or a tensor is under
+    MIN_BYTES, :meth:`copy` copies into torch's own memory.
     """
 
     def __init__(self) -> None:
-        self._chunk: torch.Tensor | None = None  # uint8, 2 MiB-aligned
+        self._chunk: torch.Tensor | None = None  # uint8, huge-page-aligned
         self._used = 0
+        self.reserved = 0  # bytes of address space of every chunk so far
         self.huge_bytes = 0  # bytes of copies placed in advised chunks
 
     def copy(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A contiguous copy of CPU tensor ``t`` (converted to ``dtype`` if given), same shape,
         on huge pages where possible. Tensors on another device are copied as torch would."""
         dtype = dtype or t.dtype
-        size = torch.empty((), dtype=dtype).element_size()
-        nbytes = t.numel() * size
+        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
         if t.device.type != "cpu" or nbytes < MIN_BYTES or not enabled():
             return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
         if self._chunk is None or self._used + nbytes > self._chunk.numel():
-            self._chunk, self._used = _chunk(max(CHUNK, -(-nbytes // HUGE) * HUGE)), 0
+            huge = huge_page_bytes()
+            size = max(nbytes, min(CHUNK, max(FIRST_CHUNK, self.reserved)))
+            self._chunk, self._used = _chunk(-(-size // huge) * huge), 0
+            self.reserved += self._chunk.numel()
         out = self._chunk[self._used : self._used + nbytes].view(dtype).view(t.shape)
         self._used += -(-nbytes // ALIGN) * ALIGN
         self.huge_bytes += nbytes
@@ -161,12 +193,15 @@ class Arena:
 
 
 def _chunk(nbytes: int) -> torch.Tensor:
-    """``nbytes`` (a multiple of 2 MiB) of fresh uint8 memory starting on a 2 MiB boundary,
-    advised MADV_HUGEPAGE before anything writes it. torch's allocator maps a request this
-    large afresh (untouched pages), so the advice holds for every page; the tensor's storage
-    is the whole over-allocation (freed with the last view of it)."""
-    buf = torch.empty(nbytes + HUGE, dtype=torch.uint8)
-    offset = -buf.data_ptr() % HUGE
+    """``nbytes`` (a whole number of huge pages) of fresh, never written uint8 memory, starting
+    on a huge-page boundary and advised MADV_HUGEPAGE. An anonymous ``mmap`` of its own rather
+    than torch's allocator: nothing writes it before the advice (torch fills new tensors in
+    deterministic mode), and unmapping it returns every page. The returned tensor keeps the
+    mapping alive (freed with the last view of it)."""
+    huge = huge_page_bytes()
+    region = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = torch.frombuffer(region, dtype=torch.uint8)
+    offset = -buf.data_ptr() % huge
     out = buf[offset : offset + nbytes]
     _advise(out.data_ptr(), nbytes, MADV_HUGEPAGE)
     return out

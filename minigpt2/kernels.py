@@ -166,11 +166,12 @@ class PreparedLinear:
             # The fp32 copy, on the fp32 kernel ``inner`` (:func:`upcast_inner`: the one fp32
             # weights of this shape get), so bf16 never runs slower than the same model in fp32.
             inner = inner or default_upcast_inner(w.device)
-            # (in the arena only where the inner kernel keeps this copy: oneDNN reorders it into
-            # a copy of its own, and a dead copy in an arena would keep its pages)
-            keeps = arena is not None and inner in ("native", "numpy")
+            # (in the arena only where the inner kernel reads this copy as it is: oneDNN reorders
+            # it and transposed transposes it into copies of their own, and a dead copy in an
+            # arena would keep its pages)
+            keeps = arena is not None and inner in ("plain", "native", "numpy")
             w32 = arena.copy(w, torch.float32) if keeps else w.float().contiguous()
-            self.fp32 = PreparedLinear(inner, w32, None if b is None else b.float(), batch_size)
+            self.fp32 = PreparedLinear(inner, w32, None if b is None else b.float(), batch_size, arena=arena)
             self.pool, self.weight = self.fp32.pool, self.fp32.weight
             self.extra_bytes = w.numel() * 4  # the copy (or the inner kernel's own copy of it)
             dtype, fp32_mm = w.dtype, self.fp32.mm
@@ -529,8 +530,10 @@ def decision_key(role: str, shapes: Sequence[tuple[int, ...]], dtype: torch.dtyp
     dt = str(dtype).removeprefix("torch.")
     bucket = batch_size if isinstance(batch_size, str) else f"batch {batch_bucket(batch_size)}"
     # DECISIONS_VERSION: decisions settled by an older rule are measured again, not trusted.
-    return (f"{host_id()} | torch {torch.__version__}, {torch.get_num_threads()} threads, decisions v{DECISIONS_VERSION} | "
-            f"{role} {shape_s} | {dt} | {bucket}")
+    # The pages: the copies on huge pages stream faster than on small ones (hugepages.py).
+    pages = "huge pages" if hugepages.enabled() else "small pages"
+    return (f"{host_id()} | torch {torch.__version__}, {torch.get_num_threads()} threads, {pages}, "
+            f"decisions v{DECISIONS_VERSION} | {role} {shape_s} | {dt} | {bucket}")
 
 
 @dataclass
