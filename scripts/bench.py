@@ -154,6 +154,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+PROBE_BYTES = 1 << 30
 #: The read bandwidth of each page size, GB/s, every time bandwidth() measured (for the JSON)
 BANDWIDTH_BY_PAGES: list[dict[str, float]] = []
 
@@ -163,7 +164,9 @@ def bandwidth(nbytes: int, dtype: torch.dtype, repeats: int = 7) -> float:
     on torch's own pages and, where the host has transparent huge pages, on 2 MiB pages
     (hugepages.Arena, where minigpt2 keeps its weight copies), the two interleaved: the faster
     one is the limit. Summing on 4 KiB pages alone read up to 20 % less than on 2 MiB pages
-    here, a limit any engine on huge pages could pass."""
+    here, a limit any engine on huge pages could pass. At most PROBE_BYTES each (far past
+    any last-level cache): the xl shape's 6.2 GB twice would not fit beside its model."""
+    nbytes = min(nbytes, PROBE_BYTES)
     plain = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
     bufs = {"4k": plain}
     if hugepages.enabled():
