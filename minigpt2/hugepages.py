@@ -40,6 +40,7 @@ import functools
 import mmap
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -98,17 +99,28 @@ def _thp_mode() -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+OFF = ("0", "false", "no", "off")
+ON = ("", "1", "true", "yes", "on")
+
+
 def enabled() -> bool:
     """Whether weights are placed on huge pages here: Linux with transparent huge pages not
-    ``never``, and ``MINIGPT2_HUGE_PAGES`` not 0 / false / no / off."""
-    if os.environ.get(ENV_HUGE_PAGES, "1").strip().lower() in (
-        "0",
-        "false",
-        "no",
-        "off",
-    ):
+    ``never``, and ``MINIGPT2_HUGE_PAGES`` unset or not 0 / false / no / off (a value that is
+    neither on nor off warns once and counts as on)."""
+    value = os.environ.get(ENV_HUGE_PAGES, "1").strip().lower()
+    if value in OFF:
         return False
+    if value not in ON:
+        _warn_value(value)
     return _madvise() is not None and _thp_mode() in ("always", "madvise")
+
+
+@functools.cache
+def _warn_value(value: str) -> None:
+    warnings.warn(
+        f"{ENV_HUGE_PAGES}={value!r} is neither on (1, true, yes, on) nor off (0, false, no, off); huge pages stay on",
+        stacklevel=3,
+    )
 
 
 def _advise(start: int, nbytes: int, advice: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,43 @@ def test_decisions_are_kept_apart_by_page_size(monkeypatch: pytest.MonkeyPatch) 
     off = kernels.decision_key("blocks", [(768, 768)], torch.float32, 1)
     assert "small pages" in off
     assert (on != off) == (
+        hugepages._madvise() is not None
+        and hugepages._thp_mode() in ("always", "madvise")
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [
+        ("0", False),
+        (" Off ", False),
+        ("no", False),
+        ("1", True),
+        ("yes", True),
+        ("", True),
+    ],
+)
+def test_the_switch_reads_on_and_off(
+    value: str, on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(hugepages.ENV_HUGE_PAGES, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hugepages.enabled() == (
+            on
+            and hugepages._madvise() is not None
+            and hugepages._thp_mode() in ("always", "madvise")
+        )
+
+
+def test_a_value_neither_on_nor_off_warns_and_stays_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(hugepages.ENV_HUGE_PAGES, "garbage")
+    hugepages._warn_value.cache_clear()
+    with pytest.warns(UserWarning, match="MINIGPT2_HUGE_PAGES='garbage' is neither on"):
+        state = hugepages.enabled()
+    assert state == (
         hugepages._madvise() is not None
         and hugepages._thp_mode() in ("always", "madvise")
     )
