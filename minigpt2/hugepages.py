@@ -52,6 +52,9 @@ CHUNK = 256 << 20
 FIRST_CHUNK = 8 << 20
 #: Tensors smaller than this are copied as torch would (a small model's matrices sit in the caches).
 MIN_BYTES = 256 << 10
+#: Huge pages larger than this (arm64 kernels with 16 or 64 KiB pages have 32 or 512 MiB ones)
+#: are not used: one partly used page would cost more memory than the copies it holds.
+MAX_HUGE = 4 << 20
 #: Storages collapse() moves: glibc's malloc maps a request this large on its own (its mmap
 #: threshold is at most 32 MiB), so the advice dies with the storage.
 COLLAPSE_MIN_BYTES = 32 << 20
@@ -112,14 +115,18 @@ def enabled() -> bool:
         return False
     if value not in ON:
         _warn_value(value)
-    return _madvise() is not None and _thp_mode() in ("always", "madvise")
+    return (
+        _madvise() is not None
+        and _thp_mode() in ("always", "madvise")
+        and huge_page_bytes() <= MAX_HUGE
+    )
 
 
 @functools.cache
 def _warn_value(value: str) -> None:
     warnings.warn(
-        f"{ENV_HUGE_PAGES}={value!r} is neither on (1, true, yes, on) nor off (0, false, no, off); huge pages stay on",
-        stacklevel=3,
+        f"{ENV_HUGE_PAGES}={value!r} is neither on (1, true, yes, on) nor off (0, false, no, off): counted as on",
+        stacklevel=2,
     )
 
 
@@ -172,7 +179,9 @@ class Arena:
 
     Each copy is a view of a chunk; the first chunk reserves FIRST_CHUNK bytes of address
     space, each next one as much as all before it (up to CHUNK), or the copy's size if larger,
-    so an arena reserves at most about twice what it holds. A chunk is freed when the last copy
+    each plus one huge page of slack for the alignment: address space only (for GPT-2's
+    shapes 1.1-1.6x what it holds; at worst about 3x); the pages written are what the copies
+    hold, plus at most the last, partly used, huge page of each chunk. A chunk is freed when the last copy
     in it is: give one arena to copies that live and die together (one model's prepared
     weights, one measurement's candidates), since a short-lived copy next to long-lived ones
     would keep its pages. Where huge pages are off (:func:`enabled`) or a tensor is under
@@ -195,7 +204,13 @@ class Arena:
         if self._chunk is None or self._used + nbytes > self._chunk.numel():
             huge = huge_page_bytes()
             size = max(nbytes, min(CHUNK, max(FIRST_CHUNK, self.reserved)))
-            self._chunk, self._used = _chunk(-(-size // huge) * huge), 0
+            try:
+                chunk = _chunk(-(-size // huge) * huge)
+            except (
+                OSError
+            ):  # no address space left (ulimit -v, strict overcommit): torch's memory
+                return torch.empty(t.shape, dtype=dtype).copy_(t)
+            self._chunk, self._used = chunk, 0
             self.reserved += self._chunk.numel()
         out = self._chunk[self._used : self._used + nbytes].view(dtype).view(t.shape)
         self._used += -(-nbytes // ALIGN) * ALIGN

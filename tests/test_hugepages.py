@@ -265,7 +265,7 @@ def test_generation_is_the_same_with_and_without_huge_pages(
         assert all(c.is_contiguous() for c in copies)
         if (
             switch == "1" and hugepages.enabled()
-        ):  # (attn.c_proj's 256 x 256 is under MIN_BYTES)
+        ):  # (bf16 attn.c_proj, 256 x 256, is under MIN_BYTES)
             big = [
                 c for c in copies if c.numel() * c.element_size() >= hugepages.MIN_BYTES
             ]
@@ -329,9 +329,37 @@ def test_a_value_neither_on_nor_off_warns_and_stays_on(
 ) -> None:
     monkeypatch.setenv(hugepages.ENV_HUGE_PAGES, "garbage")
     hugepages._warn_value.cache_clear()
-    with pytest.warns(UserWarning, match="MINIGPT2_HUGE_PAGES='garbage' is neither on"):
+    with pytest.warns(
+        UserWarning, match="MINIGPT2_HUGE_PAGES='garbage' is neither on.*counted as on"
+    ):
         state = hugepages.enabled()
     assert state == (
         hugepages._madvise() is not None
         and hugepages._thp_mode() in ("always", "madvise")
+    )
+
+
+def test_an_arena_without_address_space_copies_into_torchs_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_space(nbytes: int) -> torch.Tensor:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages, "_chunk", no_space)
+    w = torch.randn(1024, 1024)
+    out = hugepages.Arena().copy(w.t())
+    assert torch.equal(out, w.t()) and out.is_contiguous()
+
+
+def test_pages_larger_than_max_huge_are_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        hugepages, "huge_page_bytes", lambda: 512 << 20
+    )  # arm64 with 64 KiB pages
+    assert not hugepages.enabled()
+    arena = hugepages.Arena()
+    w = torch.randn(1024, 1024)
+    assert (
+        torch.equal(arena.copy(w), w) and arena.huge_bytes == 0 and arena.reserved == 0
     )
