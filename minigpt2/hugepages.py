@@ -165,9 +165,8 @@ def collapse(tensors: Sequence[torch.Tensor]) -> int:
         if nbytes == 0 or start in seen:
             continue
         seen.add(start)
-        _advise(
-            start, nbytes, MADV_HUGEPAGE
-        )  # khugepaged keeps them huge if the collapse fails
+        # (the advice alone: khugepaged makes them huge later if the collapse fails)
+        _advise(start, nbytes, MADV_HUGEPAGE)
         if _advise(start, nbytes, MADV_COLLAPSE):
             done += nbytes
     return done
@@ -181,8 +180,8 @@ class Arena:
     space, each next one as much as all before it (up to CHUNK), or the copy's size if larger,
     each plus one huge page of slack for the alignment: address space only (for GPT-2's
     shapes 1.1-1.6x what it holds; at worst about 3x); the pages written are what the copies
-    hold, plus at most the last, partly used, huge page of each chunk. A chunk is freed when the last copy
-    in it is: give one arena to copies that live and die together (one model's prepared
+    hold, plus at most the last, partly used, huge page of each chunk. A chunk is freed when
+    the last copy in it is: give one arena to copies that live and die together (one model's prepared
     weights, one measurement's candidates), since a short-lived copy next to long-lived ones
     would keep its pages. Where huge pages are off (:func:`enabled`) or a tensor is under
     MIN_BYTES, :meth:`copy` copies into torch's own memory.
@@ -206,9 +205,8 @@ class Arena:
             size = max(nbytes, min(CHUNK, max(FIRST_CHUNK, self.reserved)))
             try:
                 chunk = _chunk(-(-size // huge) * huge)
-            except (
-                OSError
-            ):  # no address space left (ulimit -v, strict overcommit): torch's memory
+            except OSError:
+                # no address space left (ulimit -v, strict overcommit): torch's own memory
                 return torch.empty(t.shape, dtype=dtype).copy_(t)
             self._chunk, self._used = chunk, 0
             self.reserved += self._chunk.numel()
