@@ -33,9 +33,8 @@ def _mapping(address: int) -> dict[str, str]:
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
-            if (
-                "-" in head and ":" not in head
-            ):  # a mapping's first line: start-end perms ...
+            # a mapping's first line is "start-end perms ...", its fields "Name: value"
+            if "-" in head and ":" not in head:
                 start, end = (int(x, 16) for x in head.split("-"))
                 if fields is not None:
                     return fields
@@ -263,9 +262,8 @@ def test_generation_is_the_same_with_and_without_huge_pages(
         assert p.block_kernel == "native"
         copies = [pl.weight for pl in p.blocks]
         assert all(c.is_contiguous() for c in copies)
-        if (
-            switch == "1" and hugepages.enabled()
-        ):  # (bf16 attn.c_proj, 256 x 256, is under MIN_BYTES)
+        # the copies of MIN_BYTES or more (bf16 attn.c_proj, 256 x 256, is under it)
+        if switch == "1" and hugepages.enabled():
             big = [
                 c for c in copies if c.numel() * c.element_size() >= hugepages.MIN_BYTES
             ]
