@@ -197,7 +197,7 @@ class Arena:
         """A contiguous copy of CPU tensor ``t`` (converted to ``dtype`` if given), same shape,
         on huge pages where possible. Tensors on another device are copied as torch would."""
         dtype = dtype or t.dtype
-        nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = t.numel() * dtype.itemsize
         if t.device.type != "cpu" or nbytes < MIN_BYTES or not enabled():
             return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
         if self._chunk is None or self._used + nbytes > self._chunk.numel():

@@ -693,9 +693,10 @@ def _sample(
     inner: str | None = None,
 ) -> Sample:
     with torch.no_grad():
-        # the copies on huge pages, as prepare makes them (one arena a candidate: freed with it)
-        fns = {k: [PreparedLinear(k, w, b, batch_size, inner, arena).mm for w, b in matrices]
-               for k, arena in ((k, hugepages.Arena()) for k in candidates)}  # fmt: skip
+        fns = {}
+        for k in candidates:
+            arena = hugepages.Arena()  # the copies on huge pages, as prepare makes them; freed with k's
+            fns[k] = [PreparedLinear(k, w, b, batch_size, inner, arena).mm for w, b in matrices]
         return time_passes(fns, _inputs(matrices, batch_size), rounds)
 
 
