@@ -83,8 +83,8 @@ class _StepArgs(ctypes.Structure):
 
 
 class Library:
-    """The loaded library: its vector width and dtypes, and its four functions (the product,
-    one token's attention, the tanh GELU, a whole decode step)."""
+    """The loaded library: its vector width and dtypes, and its five functions (the product,
+    one token's attention, the tanh GELU, a whole decode step, greedy's maximum per row)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -110,6 +110,27 @@ class Library:
         step.argtypes = [ctypes.POINTER(_StepArgs)]
         step.restype = ctypes.c_int
         self.step_fn = step
+        top = lib.minigpt2_max_rows
+        top.argtypes = [p, n, n, p, p]
+        top.restype = ctypes.c_int
+        self.max_fn = top
+
+    def max_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``torch.max(x, dim=-1)`` of a contiguous fp32 CPU tensor (B, V): values (B,) fp32 and
+        indices (B,) int64, the same ones (the first maximal index; a NaN over any number, the
+        first NaN; index 0 of an all -inf row), in decode.c's ``minigpt2_max_rows``.
+
+        Raises:
+            ValueError: x not a contiguous 2-D fp32 CPU tensor with at least one column.
+        """
+        if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.device.type != "cpu" \
+                or x.shape[1] < 1:  # fmt: skip
+            raise ValueError(f"max_rows takes a contiguous (B, V) fp32 CPU tensor with V >= 1, got "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
+        B, V = x.shape
+        values, indices = torch.empty(B), torch.empty(B, dtype=torch.int64)
+        self.max_fn(x.data_ptr(), B, V, values.data_ptr(), indices.data_ptr())
+        return values, indices
 
 
 def _cpu_flags() -> str:

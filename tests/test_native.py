@@ -402,6 +402,50 @@ def test_a_bad_cached_library_is_built_again(tmp_path: Path, monkeypatch: pytest
     assert path.stat().st_mode & 0o755 == 0o755
 
 
+def _max_cases() -> list[torch.Tensor]:
+    """Rows that torch.max's conventions decide: ties, NaN, +-inf, signed zeros, all -inf; row
+    lengths around the vector widths (1, 8, 16 lanes) and GPT-2's vocabulary."""
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        torch.tensor([[1.0, nan, 3.0, nan], [-inf] * 4, [2.0, 5.0, 5.0, 1.0], [inf, 1.0, inf, nan],
+                      [-0.0, 0.0, -0.0, 0.0], [0.0, -0.0, 0.0, 0.0]]),  # fmt: skip
+        torch.full((2, 37), nan), torch.full((2, 200), -inf), torch.randn(3, 1, generator=g),
+        torch.randn(2, 130, generator=g).round(),  # many ties
+    ]
+    for n in (7, 8, 9, 15, 16, 17, 31, 33, 1000, 50257):
+        x = torch.randn(6, n, generator=g)
+        x[1, -1] = 9.0  # the maximum in the last lane (or the tail)
+        x[2, n // 2 :] = 9.0  # ties from the middle on
+        x[3, n - 1] = nan  # a NaN at the very end
+        x[4].fill_(-0.0)
+        x[4, n // 3] = 0.0  # +0 after -0s: equal, so the first (-0) wins
+        x[5, n // 2] = inf
+        x[5, 0] = inf
+        cases.append(x)
+    return cases
+
+
+def _assert_max_rows_is_torch_max(lib: native.Library, label: str = "") -> None:
+    for x in _max_cases():
+        values, indices = lib.max_rows(x)
+        want_v, want_i = torch.max(x, dim=-1)
+        assert indices.dtype == torch.int64 and values.dtype == torch.float32
+        assert torch.equal(indices, want_i), (label, x.shape, indices, want_i)
+        same = (values == want_v) | (values.isnan() & want_v.isnan())
+        assert same.all() and torch.equal(values.signbit(), want_v.signbit()), (label, values, want_v)
+
+
+@needs_native
+def test_native_max_rows_is_torch_max() -> None:
+    """Greedy's argmax (fast.max_last): torch.max's values and first indices on every convention
+    (ties, NaN, signed zeros, all -inf); bad input is a ValueError, not a crash."""
+    _assert_max_rows_is_torch_max(LIB)
+    for bad in (torch.zeros(2, 0), torch.zeros(4), torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(8, 2).t()):
+        with pytest.raises(ValueError, match="max_rows takes a contiguous"):
+            LIB.max_rows(bad)
+
+
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v2", "ivybridge", "x86-64-v3", "x86-64-v4", "x86-64-v4 -mavx512bf16"])
 def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> None:
     """What other hosts' -march=native gives: plain C (no AVX), F16C without AVX2 (Ivy Bridge),
@@ -456,6 +500,7 @@ def test_the_source_builds_for_every_x86_level(march: str, tmp_path: Path) -> No
         got = native.gelu_tanh_(x.to(dtype), built_lib).double()
         fi = torch.finfo(dtype)
         assert ((got - want).abs() <= fi.eps * (want.abs() + fi.smallest_normal) + 1e-36).all(), (march, dtype)
+    _assert_max_rows_is_torch_max(built_lib, march)
     for dtype in built_lib.dtypes:
         for B, nh, S, hs in ((2, 3, 21, 80), (1, 2, 8, 64)):
             k, v = (torch.randn(B, nh, S + 3, hs, generator=g).to(dtype)[:, :, :S] for _ in range(2))
