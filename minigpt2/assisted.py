@@ -324,7 +324,7 @@ def _decode(
                     n_matches = int((chosen[:n_draft] == drafted).int().cumprod(0).sum())
                     valid = chosen[: n_matches + 1]
                 else:  # greedy; argmax of an all -inf row is token 0: flag it, read with the same sync
-                    best, chosen = torch.max(scores, dim=-1)
+                    best, chosen = fast.max_last(scores, dec)
                     matches = (chosen[:n_draft] == drafted).int().cumprod(0)
                     empty = (best == float("-inf")).int().cumsum(0)  # (n_draft + 1,): empty rows up to i
                     n_matches, n_empty = torch.stack((matches.sum(), empty[matches.sum()])).tolist()

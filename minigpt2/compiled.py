@@ -332,14 +332,20 @@ class GraphDecoder:
 
     def __init__(self, model: GPT2, hooks: fast._HookWatch) -> None:
         self.model, self._hooks = model, hooks
+        self.check_each_step = True  # see fast.Decoder.ready
+        self._answer: bool | None = None
         step = _graph_steps.get(model)
         if step is None:
             step = _graph_steps[model] = GraphStep(model)
         self.step = step
 
     def ready(self) -> bool:
-        """Whether this step may take the graph (the checks of fast.Decoder.ready)."""
-        return not (torch.is_grad_enabled() or self.model.training or self._hooks.any())
+        """Whether this step may take the graph (the checks of fast.Decoder.ready; with
+        ``check_each_step`` False, the first call's answer stands, as there)."""
+        if not self.check_each_step and self._answer is not None:
+            return self._answer
+        self._answer = not (torch.is_grad_enabled() or self.model.training or self._hooks.any())
+        return self._answer
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                  cache: KVCache | None, last_only: bool = True) -> torch.Tensor:  # fmt: skip

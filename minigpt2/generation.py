@@ -416,6 +416,7 @@ def decode_n_tokens(
     generator: torch.Generator | None = None,
     tokenizer: Tokenizer | None = None,
     prompt_ids: torch.Tensor | None = None,
+    check_each_step: bool = True,
 ) -> Iterator[Step]:
     """Greedy or sampled decoding; yields one ``Step`` per generated position.
 
@@ -425,6 +426,9 @@ def decode_n_tokens(
     stop when all have. The model runs under inference mode only between yields, so the
     caller's grad mode is untouched. ``prompt_ids``: the prompt as given, before
     num_return_sequences expanded it (the encoder_* processors read it, as transformers).
+    ``check_each_step=False``: the caller runs no code between steps (generate() only collects
+    them), so the fast path checks hooks, modes and weights once, at the prompt, not before
+    every step (fast.Decoder.ready).
     """
     B, T = ids.shape
     L = T + s.max_new_tokens
@@ -442,6 +446,8 @@ def decode_n_tokens(
         unfinished = torch.ones(B, dtype=torch.bool, device=dev)
         cache = model.make_cache(B, L)
         dec = fast.decoder(model, B)
+        if dec is not None:
+            dec.check_each_step = check_each_step
         logits = prefill(model, ids, _prompt_positions(mask, T, dev), mask, cache, dec)
     prompt_ids = ids if prompt_ids is None else prompt_ids
     rows = None  # with stop strings: each row's real token ids so far, on the CPU
@@ -456,7 +462,7 @@ def decode_n_tokens(
                 token = sampling.sample(scores, generator)
                 empty = None
             else:  # argmax of an all -inf row is token 0: flag it, read with the step's one sync below
-                best, token = torch.max(scores, dim=-1)
+                best, token = fast.max_last(scores, dec)
                 empty = (best == float("-inf")) & unfinished
             if eos is not None:  # as transformers: finished rows are padded only when EOS can end them
                 token = token.masked_fill(~unfinished, s.pad_token_id)
@@ -745,7 +751,10 @@ def generate(
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
-    steps = _steps(model, input_ids, attention_mask, s, generator, tokenizer, assistant_model, prompt_ids)
+    # Nothing runs between the steps but this loop's bookkeeping (processors and stop strings
+    # are built in): the fast path's per-step checks can run once (decode_n_tokens).
+    steps = _steps(model, input_ids, attention_mask, s, generator, tokenizer, assistant_model, prompt_ids,
+                   check_each_step=False)
     new, scores, logits = [], [], []
     for st in steps:
         new.append(st.token)
@@ -772,13 +781,15 @@ def _steps(
     tokenizer: Tokenizer | None,
     assistant_model: GPT2 | None,
     prompt_ids: torch.Tensor,
+    check_each_step: bool = True,
 ) -> Iterator[Step]:
-    """The decoding loop for greedy and sampling: plain, or assisted (assisted.py)."""
+    """The decoding loop for greedy and sampling: plain, or assisted (assisted.py);
+    ``check_each_step`` as decode_n_tokens'."""
     if s.assisted:
         from . import assisted
 
         return assisted.decode(model, ids, mask, s, generator, tokenizer, assistant_model)
-    return decode_n_tokens(model, ids, mask, s, generator, tokenizer, prompt_ids)
+    return decode_n_tokens(model, ids, mask, s, generator, tokenizer, prompt_ids, check_each_step)
 
 
 def compute_transition_scores(

@@ -507,6 +507,75 @@ def test_decoder_sees_weight_edits_between_steps(make_checkpoint, kernel: str) -
     _close(got, want)
 
 
+@needs_generate
+def test_generate_checks_once_a_stream_before_every_step(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate() runs no one else's code between steps, so the fast path checks hooks, modes
+    and weights at the prompt only; a stream's consumer may change them between tokens, so
+    there every step is checked (the hook test above)."""
+    model, _ = pair
+    calls: list[int] = []
+    real = fast._HookWatch.any
+    monkeypatch.setattr(fast._HookWatch, "any", lambda self: calls.append(1) or real(self))
+
+    def count(run) -> int:
+        calls.clear()
+        run()
+        return len(calls)
+
+    short = count(lambda: model.generate(_ids(1, 4), max_new_tokens=2, min_new_tokens=2))
+    long = count(lambda: model.generate(_ids(1, 4), max_new_tokens=7, min_new_tokens=7))
+    assert short == long > 0
+    streamed = count(lambda: list(model.stream(None, _ids(1, 4), max_new_tokens=7, min_new_tokens=7)))
+    assert streamed >= long + 6
+    with torch.no_grad():  # the first answer stands: a hook added later is not looked for
+        dec = _decoder(model, 1)
+        dec.check_each_step = False
+        with model.hooks({"h.1.mlp.act": lambda a, n: None}):
+            assert dec.ready()
+            dec.check_each_step = True
+            assert not dec.ready()
+
+
+def test_a_rebuild_keeps_check_each_step(make_checkpoint) -> None:
+    model = GPT2.from_pretrained(make_checkpoint(seed=8)[0], device="cpu")
+    with torch.no_grad():
+        dec = fast.decoder(model, 1)
+        dec.check_each_step = False
+        model.transformer.h[0].mlp.c_proj.weight.mul_(2.0)  # before the first check: rebuilt there
+        p = dec.p
+        assert dec.ready() and dec.p is not p and dec.check_each_step is False
+
+
+@needs_generate
+def test_greedy_takes_the_native_argmax(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy's argmax over the logits runs on the native library when the step does (its
+    equality with torch.max: tests/test_native.py); elsewhere torch.max, with the same answer."""
+    model, hf = pair
+    lib = fast.native.library()
+    if lib is None or not kernels.available("native", torch.float32):
+        pytest.skip("no native library here")
+    calls: list[int] = []
+    real = type(lib).max_rows
+    monkeypatch.setattr(type(lib), "max_rows", lambda self, x: calls.append(x.shape[0]) or real(self, x))
+    ids = _ids(2, 5)
+    with kernels.force("native"):
+        got = model.generate(ids, max_new_tokens=6, min_new_tokens=6)
+    assert calls == [2] * 6
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        dec = _decoder(model, 1)
+    x = torch.randn(3, 40)
+    for scores in (x, x.t().contiguous().t(), x.to(torch.bfloat16)):  # contiguous fp32; not contiguous; bf16
+        calls.clear()
+        v, i = fast.max_last(scores, dec)
+        want_v, want_i = torch.max(scores, dim=-1)
+        assert torch.equal(i, want_i) and torch.equal(v, want_v)
+        assert calls == ([3] if scores is x and dec.native_step is not None else [])
+    assert torch.equal(fast.max_last(x, None).indices, torch.max(x, -1).indices)
+
+
 # --------------------------------------------------------------------- choosing
 def test_choice_is_measured_then_cached(pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = pair
