@@ -30,7 +30,10 @@ stops either side (min_new_tokens = max_new_tokens). minigpt2 and transformers r
 interleaved, so machine drift hits both; each figure is the median of the runs after a
 warm-up. The memory-bandwidth limit of batch-1 decoding (read bandwidth / weight bytes:
 every weight matrix is read once per token) is measured in the same run, by summing a
-buffer of the weights' size and dtype around the decode runs (best of several).
+buffer of the weights' size and dtype around the decode runs (best of several); batch-1
+shares are given twice: against the run's fastest probe, and each round's decode against
+a probe taken in that same round (the median over rounds), since this host's bandwidth
+moves by up to 1.7x between minutes.
 """
 
 from __future__ import annotations
@@ -141,17 +144,36 @@ def timed(fn: Callable[[], Any]) -> float:
 PAUSE = 0.25
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
-    """Median wall time of each fn over ``runs`` rounds after one warm-up, fns interleaved,
-    each timed call after PAUSE seconds of idle."""
+def rounds(
+    fns: dict[str, Callable[[], Any]], runs: int, probes: dict[str, Probe] | None = None
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each fn's wall time in each of ``runs`` rounds after one warm-up, fns interleaved, each
+    timed call after PAUSE seconds of idle; with ``probes``, each round first measures every
+    probe's read bandwidth (bytes/s), so a figure can be set against the memory speed of its
+    own round: this host's bandwidth moved by up to 1.7x within one run (48-80 GB/s)."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    bws: dict[str, list[float]] = {k: [] for k in probes or {}}
     for _ in range(runs):
+        for k, probe in (probes or {}).items():
+            time.sleep(PAUSE)
+            bws[k].append(probe(repeats=3))
         for k, f in fns.items():
             time.sleep(PAUSE)
             times[k].append(timed(f))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times, bws
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median wall time of each fn over ``runs`` rounds (see rounds())."""
+    return {k: statistics.median(v) for k, v in rounds(fns, runs)[0].items()}
+
+
+def same_round_share(times: list[float], bws: list[float], tokens: int, nbytes: int) -> float:
+    """Median over rounds of tokens/s / (that round's bandwidth / nbytes): the share of the
+    limit with the decode and the probe in the same minute."""
+    return statistics.median(tokens / t / (bw / nbytes) for t, bw in zip(times, bws))
 
 
 PROBE_BYTES = 1 << 30
@@ -159,24 +181,34 @@ PROBE_BYTES = 1 << 30
 BANDWIDTH_BY_PAGES: list[dict[str, float]] = []
 
 
+class Probe:
+    """Read bandwidth in bytes/s: sum a buffer of ``nbytes`` of ``dtype`` on torch's own pages
+    and, where the host has transparent huge pages, on 2 MiB pages (hugepages.Arena, where
+    minigpt2 keeps its weight copies), the two interleaved, best of ``repeats`` each: the
+    faster one is the limit. Summing on 4 KiB pages alone read up to 20 % less than on 2 MiB
+    pages here, a limit any engine on huge pages could pass. At most PROBE_BYTES each (far
+    past any last-level cache): the xl shape's 6.2 GB twice would not fit beside its model.
+    Every measurement is also kept in BANDWIDTH_BY_PAGES (GB/s per page size)."""
+
+    def __init__(self, nbytes: int, dtype: torch.dtype) -> None:
+        self.nbytes = min(nbytes, PROBE_BYTES)
+        plain = torch.ones(self.nbytes // dtype.itemsize, dtype=dtype)
+        self.bufs = {"4k": plain}
+        if hugepages.enabled():
+            self.bufs["2M"] = hugepages.Arena().copy(plain)
+
+    def __call__(self, repeats: int = 7) -> float:
+        best = {k: float("inf") for k in self.bufs}
+        for _ in range(repeats):
+            for k, b in self.bufs.items():
+                best[k] = min(best[k], timed(b.sum))
+        BANDWIDTH_BY_PAGES.append({k: round(self.nbytes / v / 1e9, 2) for k, v in best.items()})
+        return self.nbytes / min(best.values())
+
+
 def bandwidth(nbytes: int, dtype: torch.dtype, repeats: int = 7) -> float:
-    """Read bandwidth in bytes/s: sum a buffer of ``nbytes`` of ``dtype``, best of ``repeats``,
-    on torch's own pages and, where the host has transparent huge pages, on 2 MiB pages
-    (hugepages.Arena, where minigpt2 keeps its weight copies), the two interleaved: the faster
-    one is the limit. Summing on 4 KiB pages alone read up to 20 % less than on 2 MiB pages
-    here, a limit any engine on huge pages could pass. At most PROBE_BYTES each (far past
-    any last-level cache): the xl shape's 6.2 GB twice would not fit beside its model."""
-    nbytes = min(nbytes, PROBE_BYTES)
-    plain = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
-    bufs = {"4k": plain}
-    if hugepages.enabled():
-        bufs["2M"] = hugepages.Arena().copy(plain)
-    best = {k: float("inf") for k in bufs}
-    for _ in range(repeats):
-        for k, b in bufs.items():
-            best[k] = min(best[k], timed(b.sum))
-    BANDWIDTH_BY_PAGES.append({k: round(nbytes / v / 1e9, 2) for k, v in best.items()})
-    return nbytes / min(best.values())
+    """One Probe's reading (bytes/s), its buffers freed after."""
+    return Probe(nbytes, dtype)(repeats)
 
 
 def matrix_bytes(model: Any) -> int:
@@ -248,8 +280,18 @@ class Bench:
         fns = {"ours": self.ours_gen(self.ours, ids, new), "hf": self.hf_gen(ids, new)}
         if bf16:
             fns["ours_bf16"] = self.ours_gen(self.ours_bf16, ids, new)
-        t = interleaved(fns, self.args.runs)
+        probes = None
+        if batch == 1:  # the bandwidth limit, probed in every round beside the decode it limits
+            probes = {key: Probe(matrix_bytes(model), model.dtype)
+                      for key, model in (("fp32", self.ours), ("bf16", self.ours_bf16))}  # fmt: skip
+        times, bws = rounds(fns, self.args.runs, probes)
+        del probes
+        t = {k: statistics.median(v) for k, v in times.items()}
         tps = {k: batch * new / v for k, v in t.items()}
+        if batch == 1:
+            self.same_round = {"times": times, "bandwidth": bws, "tokens": new}
+            for key, bw in bws.items():
+                self.extra.setdefault(f"bw_{key}", []).append(max(bw))
         self.add(f"decode fp32 batch {batch} (tokens/s)", tps["ours"], tps["hf"], "tok/s")
         if bf16:
             self.add(f"decode bf16 batch {batch} vs transformers fp32 (tokens/s)", tps["ours_bf16"], tps["hf"], "tok/s")
@@ -266,6 +308,17 @@ class Bench:
             self.extra[f"limit_{key}_tps"] = limit
             self.add(f"decode {key} batch 1 as % of bandwidth limit ({bw / 1e9:.1f} GB/s, {limit:.1f} tok/s)",
                      100 * tps / limit, 100 * self.extra["decode_b1"]["hf"] / limit if key == "fp32" else None, "%")
+        # The same, each round's decode against that round's probe (the line above takes the
+        # run's fastest probe, which may fall in a faster minute than the decode runs).
+        r = self.same_round
+        for key, name in (("fp32", "ours"), ("bf16", "ours_bf16")):
+            nbytes, bws = matrix_bytes(self.ours if key == "fp32" else self.ours_bf16), r["bandwidth"][key]
+            share = same_round_share(r["times"][name], bws, r["tokens"], nbytes)
+            hf = same_round_share(r["times"]["hf"], r["bandwidth"]["fp32"], r["tokens"], nbytes) if key == "fp32" else None
+            self.extra[f"same_round_share_{key}"] = share
+            self.add(f"decode {key} batch 1 as % of its own round's limit "
+                     f"({min(bws) / 1e9:.0f}-{max(bws) / 1e9:.0f} GB/s over the rounds)",
+                     100 * share, None if hf is None else 100 * hf, "%")  # fmt: skip
 
     def measure_bw(self) -> None:
         for key, model, dtype in (("fp32", self.ours, torch.float32), ("bf16", self.ours_bf16, torch.bfloat16)):
@@ -379,6 +432,7 @@ def limits(bench: Bench) -> dict[str, float]:
         bw = max(bench.extra.get(f"bw_{'fp32' if key == 'fp32' else 'bf16'}", []) + [bandwidth(nbytes, dtype)])
         out[key] = bw / nbytes
         out[f"{key}_GBps"] = bw / 1e9
+        out[f"{key}_bytes"] = nbytes
     return out
 
 
@@ -519,25 +573,37 @@ def peer_rows(bench: Bench, workdir: Path) -> None:
         }
     for e in engines.values():
         e["first_difference"] = bp.first_difference(e["greedy"](), want)
-    decode = interleaved({k: e["decode"] for k, e in engines.items()}, a.peer_runs)
+    probes = {"fp32": Probe(matrix_bytes(bench.ours), torch.float32),
+              "half": Probe(matrix_bytes(bench.ours_bf16), torch.bfloat16)}
+    times, bws = rounds({k: e["decode"] for k, e in engines.items()}, a.peer_runs, probes)
+    del probes
+    decode = {k: statistics.median(v) for k, v in times.items()}
+    for key, bw in bws.items():
+        bench.extra.setdefault(f"bw_{'fp32' if key == 'fp32' else 'bf16'}", []).append(max(bw))
     prefill = interleaved({k: e["prefill"] for k, e in engines.items()}, a.peer_runs)
     lim = limits(bench)
     print(f"\n# peers: batch 1, prompt 16, {new} new tokens, {threads} threads, median of {a.peer_runs}; limits "
           f"{lim['fp32']:.1f} tok/s fp32 ({lim['fp32_GBps']:.1f} GB/s), {lim['half']:.1f} tok/s bf16 / f16 "
           f"({lim['half_GBps']:.1f} GB/s)")
-    print(f"| engine | weights | tok/s | share of the limit | prefill, {long.shape[1]} tokens (s) | greedy vs transformers |")
-    print("|---|---|---|---|---|---|")
+    print(f"| engine | weights | tok/s | share of the limit | share of its own round's limit | prefill, "
+          f"{long.shape[1]} tokens (s) | greedy vs transformers |")
+    print("|---|---|---|---|---|---|---|")
     table = {}
     for (engine, weights), e in engines.items():
         tps = new / decode[(engine, weights)]
-        limit = lim["fp32"] if weights in ("fp32", "f32") else lim["half"]
+        key = "fp32" if weights in ("fp32", "f32") else "half"
+        limit = lim[key]
+        own = same_round_share(times[(engine, weights)], bws[key], new, lim[f"{key}_bytes"])
         diff = e["first_difference"]
         same = f"all {new} equal" if diff is None else f"differ from step {diff}"
-        row = {"engine": engine, "weights": weights, "tok_s": tps, "share": tps / limit,
+        row = {"engine": engine, "weights": weights, "tok_s": tps, "share": tps / limit, "share_own_round": own,
                "prefill_s": prefill[(engine, weights)], "greedy": same, "prepare_s": e.get("prepare_s")}
         table[(engine, weights)] = row
         bench.peers.append(row)
-        print(f"| {engine} | {weights} | {tps:.1f} | {100 * tps / limit:.0f}% | {row['prefill_s']:.3f} | {same} |")
+        print(f"| {engine} | {weights} | {tps:.1f} | {100 * tps / limit:.0f}% | {100 * own:.0f}% | "
+              f"{row['prefill_s']:.3f} | {same} |")
+    print(f"# own round: each round's decode against that round's probe ({min(bws['fp32']) / 1e9:.0f}-"
+          f"{max(bws['fp32']) / 1e9:.0f} GB/s fp32 over the rounds)")
     for (engine, weights), r in table.items():
         if engine.startswith(("ONNX", "llama")):
             mine = table[("minigpt2", "fp32" if weights in ("fp32", "f32") else "bf16")]
