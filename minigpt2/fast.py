@@ -442,11 +442,12 @@ class Decoder:
         """Whether this step may take the fast path (rebuilding prepared weights if one changed).
 
         With ``check_each_step`` False (set by a caller that runs no one else's code between its
-        steps: generate()), the first call's answer stands for this Decoder's later calls: the
-        checks read every module's hook dicts and every weight's version and address, ~0.12 ms
-        a step on the caches a decode step leaves (1.5 % of a 124M fp32 token on the AMD EPYC
-        host here). A hook added or a weight edited from another thread meanwhile is then seen
-        from the next call on."""
+        steps: greedy and sampled generate()), the answer once computed stands for this
+        Decoder's later calls: the checks read every module's hook dicts and every weight's
+        version and address, ~0.12 ms a step on the caches a decode step leaves (1.5 % of a
+        124M fp32 token on the AMD EPYC host here). A hook added or a weight edited from another
+        thread meanwhile is then only partly seen until the next call: layer norms, biases and
+        embeddings are read in place, the prepared matrices are not rebuilt."""
         if not self.check_each_step and self._answer is not None:
             return self._answer
         answer = self._check()
@@ -765,10 +766,19 @@ def max_last(scores: torch.Tensor, dec: Decoder | GraphDecoder | None) -> tuple[
     return torch.max(scores, dim=-1)
 
 
-def decoder(model: GPT2, batch_size: int) -> Decoder | GraphDecoder | None:
+def decoder(model: GPT2, batch_size: int, check_each_step: bool = True) -> Decoder | GraphDecoder | None:
     """The fast path for generating ``batch_size`` rows, or None where it may not run
     (see :func:`usable`): then the caller runs the plain model. With ``compile_decoding`` on
-    CUDA, the CUDA-graph decoder (compiled.GraphDecoder)."""
+    CUDA, the CUDA-graph decoder (compiled.GraphDecoder). ``check_each_step``: see
+    Decoder.ready."""
+    dec = _decoder(model, batch_size)
+    if dec is not None:
+        dec.check_each_step = check_each_step
+    return dec
+
+
+def _decoder(model: GPT2, batch_size: int) -> Decoder | GraphDecoder | None:
+    """decoder() but for check_each_step."""
     hooks = _HookWatch(model)  # one walk over the modules serves the check now and before every step
     if getattr(model, "_compile_decoding", False):
         from . import compiled

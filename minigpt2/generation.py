@@ -428,7 +428,7 @@ def decode_n_tokens(
     num_return_sequences expanded it (the encoder_* processors read it, as transformers).
     ``check_each_step=False``: the caller runs no code between steps (generate() only collects
     them), so the fast path checks hooks, modes and weights once, at the prompt, not before
-    every step (fast.Decoder.ready).
+    every step (fast.Decoder.ready); with stop strings the tokenizer runs between steps too.
     """
     B, T = ids.shape
     L = T + s.max_new_tokens
@@ -445,9 +445,7 @@ def decode_n_tokens(
         next_pos = _next_positions(mask, T, dev, B)  # (B, 1)
         unfinished = torch.ones(B, dtype=torch.bool, device=dev)
         cache = model.make_cache(B, L)
-        dec = fast.decoder(model, B)
-        if dec is not None:
-            dec.check_each_step = check_each_step
+        dec = fast.decoder(model, B, check_each_step)
         logits = prefill(model, ids, _prompt_positions(mask, T, dev), mask, cache, dec)
     prompt_ids = ids if prompt_ids is None else prompt_ids
     rows = None  # with stop strings: each row's real token ids so far, on the CPU
@@ -751,10 +749,14 @@ def generate(
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
-    # Nothing runs between the steps but this loop's bookkeeping (processors and stop strings
-    # are built in): the fast path's per-step checks can run once (decode_n_tokens).
+    # Nothing runs between greedy or sampled steps but this loop's bookkeeping (the processors
+    # are built in), so the fast path's per-step checks can run once (decode_n_tokens); not
+    # where stop strings call a tokenizer other than minigpt2's own, whose code runs per step.
+    from .tokenizer import Tokenizer
+
+    own_code_only = not s.stop or type(tokenizer) is Tokenizer
     steps = _steps(model, input_ids, attention_mask, s, generator, tokenizer, assistant_model, prompt_ids,
-                   check_each_step=False)
+                   check_each_step=not own_code_only)
     new, scores, logits = [], [], []
     for st in steps:
         new.append(st.token)

@@ -129,7 +129,8 @@ class Library:
                              f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
         B, V = x.shape
         values, indices = torch.empty(B), torch.empty(B, dtype=torch.int64)
-        self.max_fn(x.data_ptr(), B, V, values.data_ptr(), indices.data_ptr())
+        if self.max_fn(x.data_ptr(), B, V, values.data_ptr(), indices.data_ptr()) != 0:
+            raise ValueError(f"minigpt2_max_rows refused a ({B}, {V}) input")  # (checked above: not reached)
         return values, indices
 
 

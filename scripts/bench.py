@@ -239,6 +239,7 @@ class Bench:
         self.peers: list[dict[str, Any]] = []  # the peer table (peer_rows)
         self.floor: dict[str, Any] = {}  # the prefill floor (floor_rows)
         self.xl: dict[str, Any] = {}  # the gpt2-xl shape rows (xl_rows)
+        self.same_round: dict[str, Any] = {}  # batch-1 decode times and their rounds' probes (decode_rows)
         self.ours = minigpt2.GPT2.from_pretrained(directory, device="cpu")
         self.ours_bf16 = minigpt2.GPT2.from_pretrained(directory, device="cpu", dtype=torch.bfloat16)
         self.hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
@@ -312,6 +313,8 @@ class Bench:
         # run's fastest probe, which may fall in a faster minute than the decode runs).
         r = self.same_round
         for key, name in (("fp32", "ours"), ("bf16", "ours_bf16")):
+            if name not in r.get("times", {}):
+                continue
             nbytes, bws = matrix_bytes(self.ours if key == "fp32" else self.ours_bf16), r["bandwidth"][key]
             share = same_round_share(r["times"][name], bws, r["tokens"], nbytes)
             hf = same_round_share(r["times"]["hf"], r["bandwidth"]["fp32"], r["tokens"], nbytes) if key == "fp32" else None

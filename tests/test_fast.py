@@ -11,6 +11,7 @@ scripts/bench.py. Tiny configs only; no timing assertions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -536,6 +537,49 @@ def test_generate_checks_once_a_stream_before_every_step(pair, monkeypatch: pyte
             assert not dec.ready()
 
 
+@needs_generate
+def test_a_tokenizer_of_the_users_is_code_between_steps(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop strings read tokens through the tokenizer every step: a tokenizer that is not
+    minigpt2's own runs user code there, so generate() checks before every step again, and an
+    edit made from it is seen at the next step as on the plain path."""
+    from minigpt2 import Tokenizer
+
+    class Editing:  # the user's tokenizer: minigpt2's, but it edits a weight on its third call
+        def __init__(self, model: GPT2) -> None:
+            self.tok, self.model, self.n = Tokenizer(), model, 0
+
+        def decode_bytes(self, ids: list[int]) -> bytes:
+            self.n += 1
+            if self.n == 3:
+                with torch.no_grad():
+                    for b in self.model.transformer.h:
+                        b.mlp.c_proj.weight.mul_(-4.0)
+            return self.tok.decode_bytes(ids)
+
+    directory = make_checkpoint(seed=9)[0]
+    runs = {}
+    for path in ("fast", "plain"):
+        model = GPT2.from_pretrained(directory, device="cpu")
+        hooks = model.hooks({"h.0.ln_1": lambda a, n: None}) if path == "plain" else contextlib.nullcontext()
+        with hooks, kernels.force("native"):
+            out = model.generate(_ids(1, 4), max_new_tokens=6, min_new_tokens=6, stop=["\x00never"],
+                                 tokenizer=Editing(model), return_dict_in_generate=True, output_logits=True)  # fmt: skip
+            runs[path] = torch.cat(out.logits)
+    _close(runs["fast"], runs["plain"])
+    calls: list[int] = []
+    real = fast._HookWatch.any
+    monkeypatch.setattr(fast._HookWatch, "any", lambda self: calls.append(1) or real(self))
+    model = GPT2.from_pretrained(directory, device="cpu")
+    counts = {}
+    for name, tok in (("ours", Tokenizer()), ("users", Editing(GPT2.from_pretrained(directory, device="cpu")))):
+        for n in (2, 7):
+            calls.clear()
+            model.generate(_ids(1, 4), max_new_tokens=n, min_new_tokens=n, stop=["\x00never"], tokenizer=tok)
+            counts[name, n] = len(calls)
+    assert counts["ours", 2] == counts["ours", 7]
+    assert counts["users", 7] >= counts["users", 2] + 5
+
+
 def test_a_rebuild_keeps_check_each_step(make_checkpoint) -> None:
     model = GPT2.from_pretrained(make_checkpoint(seed=8)[0], device="cpu")
     with torch.no_grad():
@@ -564,15 +608,16 @@ def test_greedy_takes_the_native_argmax(pair, monkeypatch: pytest.MonkeyPatch) -
     want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                        do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(got, want)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.force("native"):
         dec = _decoder(model, 1)
+    assert dec.native_step is not None
     x = torch.randn(3, 40)
     for scores in (x, x.t().contiguous().t(), x.to(torch.bfloat16)):  # contiguous fp32; not contiguous; bf16
         calls.clear()
         v, i = fast.max_last(scores, dec)
         want_v, want_i = torch.max(scores, dim=-1)
         assert torch.equal(i, want_i) and torch.equal(v, want_v)
-        assert calls == ([3] if scores is x and dec.native_step is not None else [])
+        assert calls == ([3] if scores is x else [])
     assert torch.equal(fast.max_last(x, None).indices, torch.max(x, -1).indices)
 
 

@@ -407,10 +407,10 @@ def _max_cases() -> list[torch.Tensor]:
     lengths around the vector widths (1, 8, 16 lanes) and GPT-2's vocabulary."""
     nan, inf = float("nan"), float("inf")
     g = torch.Generator().manual_seed(3)
+    special = [[1.0, nan, 3.0, nan], [-inf] * 4, [2.0, 5.0, 5.0, 1.0], [inf, 1.0, inf, nan], [-0.0, 0.0, -0.0, 0.0],
+               [0.0, -0.0, 0.0, 0.0]]  # fmt: skip
     cases = [
-        torch.tensor([[1.0, nan, 3.0, nan], [-inf] * 4, [2.0, 5.0, 5.0, 1.0], [inf, 1.0, inf, nan],
-                      [-0.0, 0.0, -0.0, 0.0], [0.0, -0.0, 0.0, 0.0]]),  # fmt: skip
-        torch.full((2, 37), nan), torch.full((2, 200), -inf), torch.randn(3, 1, generator=g),
+        torch.tensor(special), torch.full((2, 37), nan), torch.full((2, 200), -inf), torch.randn(3, 1, generator=g),
         torch.randn(2, 130, generator=g).round(),  # many ties
     ]
     for n in (7, 8, 9, 15, 16, 17, 31, 33, 1000, 50257):
