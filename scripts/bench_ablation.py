@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         plain_models: set[int] = set()
         real_decoder = fast.decoder
 
-        def decoder(model: Any, batch_size: int) -> Any:
-            return None if id(model) in plain_models else real_decoder(model, batch_size)
+        def decoder(model: Any, batch_size: int, *args: Any, **kwargs: Any) -> Any:
+            return None if id(model) in plain_models else real_decoder(model, batch_size, *args, **kwargs)
 
         fast.decoder = decoder  # the "model path" variants take the plain model code
         try:
