@@ -102,24 +102,6 @@ def conv1ds(model: GPT2) -> list[Conv1D]:
     return [m for m in model.transformer.h.modules() if isinstance(m, Conv1D)]
 
 
-#: Bumped whenever any module in the process registers a parameter or a submodule (a Parameter
-#: object or a module assigned: ``m.weight = nn.Parameter(...)``, ``mlp.act = nn.ReLU()``,
-#: ``load_state_dict(assign=True)``) and by release(): a Decoder built before rechecks the
-#: model's modules and rebuilds. It watches the weights' version counters and addresses, which a
-#: replaced object leaves unchanged on the old one, and its module types were checked when it
-#: was built. (torch's global registration hooks: one counter increment per registration.)
-_structure_epoch = 0
-
-
-def _structure_changed(*_: object) -> None:
-    global _structure_epoch
-    _structure_epoch += 1
-
-
-_module_hooks.register_module_parameter_registration_hook(_structure_changed)
-_module_hooks.register_module_module_registration_hook(_structure_changed)
-
-
 class _HookWatch:
     """Every place a hook can sit on one model, gathered once and cheap to test again: torch's
     global forward hooks, each module's hook dicts (torch mutates them in place), and
@@ -275,10 +257,8 @@ def _rows_mm(
 
 
 def release(model: GPT2) -> None:
-    """Free the model's prepared weights (they are rebuilt on the next fast-path use; a running
-    stream's Decoder rebuilds them before its next step)."""
+    """Free the model's prepared weights (they are rebuilt on the next fast-path use)."""
     _prepared.pop(model, None)
-    _structure_changed()
 
 
 def extra_bytes(model: GPT2) -> int:
@@ -454,7 +434,6 @@ class Decoder:
         self._keys = self._weight_keys()
         self.check_each_step = True  # see ready()
         self._answer: bool | None = None  # ready()'s last answer
-        self._epoch = _structure_epoch  # the modules and parameter objects it was built from
 
     def _weight_keys(self) -> tuple[list[int], list[int]]:
         return [w._version for w in self._versioned], [w.data_ptr() for w in self._weights]
@@ -478,14 +457,9 @@ class Decoder:
     def _check(self) -> bool:
         if torch.is_grad_enabled() or self.model.training:
             return False
-        restructured = self._epoch != _structure_epoch
-        if restructured:  # a module or Parameter object replaced somewhere, or release()
-            if not _standard(self.model):
-                return False
-            self._hooks = _HookWatch(self.model)  # (the modules may be new)
         if self._hooks.any():
             return False
-        if restructured or self._weight_keys() != self._keys:
+        if self._weight_keys() != self._keys:
             keep = self.check_each_step
             fresh = Decoder(self.model, prepare(self.model, self.p.batch), self._hooks)
             self.__dict__.update(fresh.__dict__)

@@ -537,46 +537,6 @@ def test_generate_checks_once_a_stream_before_every_step(pair, monkeypatch: pyte
             assert not dec.ready()
 
 
-def _replace_parameter(model: GPT2) -> None:
-    c = model.transformer.h[0].mlp.c_fc
-    c.weight = torch.nn.Parameter(c.weight.detach() * -3.0)  # a new object; the old one is unchanged
-
-
-def _swap_module(model: GPT2) -> None:
-    model.transformer.h[1].mlp.act = torch.nn.ReLU()  # a module the Decoder does not know
-
-
-def _edit_data_and_release(model: GPT2) -> None:
-    model.transformer.h[1].attn.c_attn.weight.data.mul_(-2.0)  # not seen alone (README)...
-    fast.release(model)  # ...but after a release
-
-
-@needs_generate
-@pytest.mark.parametrize("edit", [_replace_parameter, _swap_module, _edit_data_and_release])
-def test_a_stream_sees_replaced_parameters_swapped_modules_and_release(make_checkpoint, edit) -> None:
-    """Between two tokens of a stream, a Parameter object replaced on a module, a module swapped
-    in, or fast.release() after an edit through .data: the next step runs the edited model,
-    as the plain path does (a no-op hook keeps the reference run on it)."""
-    directory = make_checkpoint(seed=10)[0]
-    runs = {}
-    for path in ("fast", "plain"):
-        model = GPT2.from_pretrained(directory, device="cpu")
-        hooks = model.hooks({"h.0.ln_1": lambda a, n: None}) if path == "plain" else contextlib.nullcontext()
-        with hooks, kernels.force("native"):
-            steps = model.stream(None, _ids(1, 4), max_new_tokens=6, min_new_tokens=6, logprobs=3)
-            got = [next(steps), next(steps)]
-            edit(model)
-            got += list(steps)
-        runs[path] = torch.tensor([[lp for lp in st.top_logprobs[0]] for st in got])
-        assert path == "plain" or fast.kernel_names(model)["blocks"] == "native"
-    _close(runs["fast"], runs["plain"])
-    unedited = GPT2.from_pretrained(directory, device="cpu")
-    with kernels.force("native"):
-        before = torch.tensor([[lp for lp in st.top_logprobs[0]] for st in unedited.stream(
-            None, _ids(1, 4), max_new_tokens=6, min_new_tokens=6, logprobs=3)])  # fmt: skip
-    assert not torch.allclose(before, runs["plain"], atol=1e-3)  # the edit changed the run
-
-
 @needs_generate
 def test_a_tokenizer_of_the_users_is_code_between_steps(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stop strings read tokens through the tokenizer every step: a tokenizer that is not
