@@ -430,7 +430,11 @@ class Decoder:
         weights = [w for c in conv1ds(model) for w in (c.weight, c.bias)] + [model.lm_head.weight]
         # (Inference tensors have no version counter, and cannot be edited outside inference mode.)
         self._versioned = [w for w in weights if not w.is_inference()]
-        self._weights = weights
+        # Addresses of every parameter: the layer norms and embeddings are read in place (an
+        # in-place edit is seen as it is), but `p.data = new` gives them new storage, which the
+        # tensors held here would not follow.
+        copied = {id(w) for w in weights}
+        self._weights = weights + [w for w in model.parameters() if id(w) not in copied]
         self._keys = self._weight_keys()
         self.check_each_step = True  # see ready()
         self._answer: bool | None = None  # ready()'s last answer

@@ -537,6 +537,41 @@ def test_generate_checks_once_a_stream_before_every_step(pair, monkeypatch: pyte
             assert not dec.ready()
 
 
+def _new_layer_norm_storage(model: GPT2) -> None:
+    ln = model.transformer.h[0].ln_1
+    ln.weight.data = ln.weight.data * 2.0  # new storage: read in place, so only its address tells
+
+
+def _new_position_storage(model: GPT2) -> None:
+    wpe = model.transformer.wpe
+    wpe.weight.data = wpe.weight.data * torch.linspace(-3.0, 3.0, wpe.weight.shape[1])
+
+
+@needs_generate
+@pytest.mark.parametrize("edit", [_new_layer_norm_storage, _new_position_storage])
+def test_a_stream_sees_new_storage_for_tensors_read_in_place(make_checkpoint, edit) -> None:
+    """`p.data = ...` between two tokens of a stream on a layer norm or an embedding (tensors
+    the fast path reads in place, not through copies): the next step runs the edited model, as
+    the plain path does (a no-op hook keeps the reference run on it)."""
+    directory = make_checkpoint(seed=10)[0]
+    runs = {}
+    for path in ("fast", "plain"):
+        model = GPT2.from_pretrained(directory, device="cpu")
+        hooks = model.hooks({"h.0.ln_1": lambda a, n: None}) if path == "plain" else contextlib.nullcontext()
+        with hooks, kernels.force("native"):
+            steps = model.stream(None, _ids(1, 4), max_new_tokens=6, min_new_tokens=6, logprobs=3)
+            got = [next(steps), next(steps)]
+            edit(model)
+            got += list(steps)
+        runs[path] = torch.tensor([list(st.top_logprobs[0]) for st in got])
+    _close(runs["fast"], runs["plain"])
+    unedited = GPT2.from_pretrained(directory, device="cpu")
+    with kernels.force("native"):
+        steps = unedited.stream(None, _ids(1, 4), max_new_tokens=6, min_new_tokens=6, logprobs=3)
+        before = torch.tensor([list(st.top_logprobs[0]) for st in steps])
+    assert not torch.allclose(before, runs["plain"], atol=1e-3)  # the edit changed the run
+
+
 @needs_generate
 def test_a_tokenizer_of_the_users_is_code_between_steps(make_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stop strings read tokens through the tokenizer every step: a tokenizer that is not
