@@ -537,6 +537,18 @@ def test_generate_checks_once_a_stream_before_every_step(pair, monkeypatch: pyte
             assert not dec.ready()
 
 
+def _on_fast_and_plain_paths(directory: Path, run) -> dict[str, torch.Tensor]:
+    """run(model) on a fresh model from ``directory`` twice: on the fast path (native forced)
+    and on the plain path (a no-op hook keeps it there)."""
+    runs = {}
+    for path in ("fast", "plain"):
+        model = GPT2.from_pretrained(directory, device="cpu")
+        hooks = model.hooks({"h.0.ln_1": lambda a, n: None}) if path == "plain" else contextlib.nullcontext()
+        with hooks, kernels.force("native"):
+            runs[path] = run(model)
+    return runs
+
+
 def _new_layer_norm_storage(model: GPT2) -> None:
     ln = model.transformer.h[0].ln_1
     ln.weight.data = ln.weight.data * 2.0  # new storage: read in place, so only its address tells
@@ -554,16 +566,15 @@ def test_a_stream_sees_new_storage_for_tensors_read_in_place(make_checkpoint, ed
     the fast path reads in place, not through copies): the next step runs the edited model, as
     the plain path does (a no-op hook keeps the reference run on it)."""
     directory = make_checkpoint(seed=10)[0]
-    runs = {}
-    for path in ("fast", "plain"):
-        model = GPT2.from_pretrained(directory, device="cpu")
-        hooks = model.hooks({"h.0.ln_1": lambda a, n: None}) if path == "plain" else contextlib.nullcontext()
-        with hooks, kernels.force("native"):
-            steps = model.stream(None, _ids(1, 4), max_new_tokens=6, min_new_tokens=6, logprobs=3)
-            got = [next(steps), next(steps)]
-            edit(model)
-            got += list(steps)
-        runs[path] = torch.tensor([list(st.top_logprobs[0]) for st in got])
+
+    def run(model: GPT2) -> torch.Tensor:
+        steps = model.stream(None, _ids(1, 4), max_new_tokens=6, min_new_tokens=6, logprobs=3)
+        got = [next(steps), next(steps)]
+        edit(model)
+        got += list(steps)
+        return torch.tensor([list(st.top_logprobs[0]) for st in got])
+
+    runs = _on_fast_and_plain_paths(directory, run)
     _close(runs["fast"], runs["plain"])
     unedited = GPT2.from_pretrained(directory, device="cpu")
     with kernels.force("native"):
@@ -592,14 +603,13 @@ def test_a_tokenizer_of_the_users_is_code_between_steps(make_checkpoint, monkeyp
             return self.tok.decode_bytes(ids)
 
     directory = make_checkpoint(seed=9)[0]
-    runs = {}
-    for path in ("fast", "plain"):
-        model = GPT2.from_pretrained(directory, device="cpu")
-        hooks = model.hooks({"h.0.ln_1": lambda a, n: None}) if path == "plain" else contextlib.nullcontext()
-        with hooks, kernels.force("native"):
-            out = model.generate(_ids(1, 4), max_new_tokens=6, min_new_tokens=6, stop=["\x00never"],
-                                 tokenizer=Editing(model), return_dict_in_generate=True, output_logits=True)  # fmt: skip
-            runs[path] = torch.cat(out.logits)
+
+    def run(model: GPT2) -> torch.Tensor:
+        out = model.generate(_ids(1, 4), max_new_tokens=6, min_new_tokens=6, stop=["\x00never"],
+                             tokenizer=Editing(model), return_dict_in_generate=True, output_logits=True)  # fmt: skip
+        return torch.cat(out.logits)
+
+    runs = _on_fast_and_plain_paths(directory, run)
     _close(runs["fast"], runs["plain"])
     calls: list[int] = []
     real = fast._HookWatch.any
