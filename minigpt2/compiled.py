@@ -341,7 +341,7 @@ class GraphDecoder:
 
     def ready(self) -> bool:
         """Whether this step may take the graph (the checks of fast.Decoder.ready; with
-        ``check_each_step`` False, the first call's answer stands, as there)."""
+        ``check_each_step`` False, the answer once computed stands, as there)."""
         if not self.check_each_step and self._answer is not None:
             return self._answer
         self._answer = not (torch.is_grad_enabled() or self.model.training or self._hooks.any())
